@@ -1,0 +1,185 @@
+"""Transformer building blocks shared by every backbone.
+
+Parameter names follow timm (``qkv``, ``proj``, ``fc1``, ``fc2``, ``norm1``, ``norm2``) so that the most
+common checkpoints load with few renames. Attention runs through ``F.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def to_tuple(value: int | Sequence[int], n: int, name: str = "value") -> tuple[int, ...]:
+    """Expand an int to an n-tuple; check a sequence has n entries."""
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    if len(value) != n:
+        raise ValueError(f"{name} must have {n} entries for spatial_dims={n}, got {value}")
+    return value
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability ``p``."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over ``[B, N, C]`` tokens."""
+
+    def __init__(
+        self, dim: int, num_heads: int, *, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(rearrange(x, "b h n d -> b n (h d)")))
+
+
+class Mlp(nn.Module):
+    """Two linear layers with an activation between them."""
+
+    def __init__(
+        self, dim: int, hidden_dim: int, *, act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        mlp_ratio: hidden width of the MLP relative to ``dim``.
+        qkv_bias: bias on the query/key/value projection.
+        drop_path: stochastic-depth rate of both residual branches.
+        init_values: LayerScale initial value; ``None`` disables LayerScale.
+        norm_layer, act_layer, attn_layer: the parts, passed as classes so a variant swaps one.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
+        attn_layer: type[nn.Module] = Attention,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = attn_layer(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class PatchEmbed(nn.Module):
+    """Cut an image or volume into non-overlapping patches and project each to ``embed_dim``.
+
+    One ``spatial_dims`` argument serves images (2) and volumes or videos (3). Returns tokens
+    ``[B, N, C]`` in row-major order of the patch grid, and the grid itself.
+    """
+
+    def __init__(
+        self, *, patch_size: Sequence[int], in_chans: int, embed_dim: int, spatial_dims: int = 2, bias: bool = True
+    ) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.patch_size = to_tuple(patch_size, spatial_dims, "patch_size")
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+        self.proj = conv(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+
+    def grid(self, input_size: Sequence[int]) -> tuple[int, ...]:
+        """The patch grid of an input of spatial size ``input_size``; raises if a side does not divide."""
+        bad = [(s, p) for s, p in zip(input_size, self.patch_size) if s % p]
+        if bad:
+            raise ValueError(
+                f"input size {tuple(input_size)} is not divisible by patch size {self.patch_size}; "
+                "resize or pad the input to a multiple of the patch size"
+            )
+        return tuple(s // p for s, p in zip(input_size, self.patch_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        grid = self.grid(x.shape[2:])
+        return self.proj(x).flatten(2).transpose(1, 2), grid  # [B, C, *grid] -> [B, N, C]
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int], num_prefix_tokens: int = 0
+) -> torch.Tensor:
+    """Interpolate learned position embeddings ``[1, prefix + prod(old_grid), C]`` to another grid.
+
+    Prefix (class) embeddings are kept as they are; the grid part is resized bicubically (2-D) or
+    trilinearly (3-D), the usual choice when fine-tuning at another resolution or ROI size.
+    """
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid == new_grid:
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    if grid.shape[1] != math.prod(old_grid):
+        raise ValueError(f"position embedding has {grid.shape[1]} grid tokens, expected grid {old_grid}")
+    mode = {1: "linear", 2: "bicubic", 3: "trilinear"}[len(old_grid)]
+    grid = grid.transpose(1, 2).reshape(1, -1, *old_grid).float()  # [1, N, C] -> [1, C, *old_grid]
+    grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=False)
+    grid = grid.flatten(2).transpose(1, 2).to(pos_embed.dtype)  # [1, C, *new_grid] -> [1, N', C]
+    return torch.cat([prefix, grid], dim=1)
+

@@ -1,0 +1,193 @@
+"""Read checkpoint files, recognise their format, map their key names onto ours, load with a report.
+
+Every format converter returns a state dict in one namespace: ``backbone.<our name>`` for encoder
+weights and ``head.<our name>`` for task heads (classifier, decoder). ``load_pretrained`` puts it into
+either a bare backbone (heads are skipped) or a task network with ``.backbone`` and ``.head``.
+Tensors whose shapes differ are handed to the owning module's ``adapt_checkpoint_tensor`` (position
+embeddings are resampled, input channels adapted, 2-D kernels inflated); what still does not fit raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+_WRAPPER_KEYS = ("state_dict", "model_state", "model", "module", "net", "params")
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A known key layout: ``detect`` recognises it, ``convert`` renames into our namespace."""
+
+    name: str
+    detect: Callable[[Mapping[str, torch.Tensor]], bool]
+    convert: Callable[[StateDict], StateDict]
+
+
+_FORMATS: list[CheckpointFormat] = []
+
+
+def register_format(name: str, detect: Callable[..., bool], convert: Callable[[StateDict], StateDict]) -> None:
+    """Add a checkpoint format; formats registered later are tried first."""
+    _FORMATS.insert(0, CheckpointFormat(name, detect, convert))
+
+
+@dataclass
+class LoadReport:
+    """What happened to each key: loaded, adapted, skipped on purpose, missing or unexpected."""
+
+    path: str
+    format: str
+    loaded: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors from {self.path} (format: {self.format})"]
+        for label, keys in (
+            ("adapted", self.adapted),
+            ("skipped", self.skipped),
+            ("missing (left at initial values)", self.missing),
+            ("unexpected (ignored)", self.unexpected),
+        ):
+            if keys:
+                lines.append(f"  {label}: {len(keys)}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}")
+        return "\n".join(lines)
+
+
+def read_checkpoint(path: str | Path) -> StateDict:
+    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``), unwrapping
+    the usual containers (``state_dict``, ``model_state``, ``model``, ...) and ``module.`` prefixes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the loaders raise many types; the user needs the file and the reason
+        raise ValueError(
+            f"cannot read checkpoint {path}: {type(err).__name__}: {err}. Files are read with "
+            "torch.load(weights_only=True) or safetensors; a checkpoint holding pickled objects must be "
+            "re-saved as a plain state dict (torch.save(model.state_dict(), path))."
+        ) from err
+    while isinstance(obj, dict) and not _is_state_dict(obj):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not _is_state_dict(obj):
+        raise ValueError(f"checkpoint {path} holds no state dict of tensors (top-level keys: {_keys(obj)})")
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def detect_format(state: Mapping[str, torch.Tensor]) -> CheckpointFormat:
+    for fmt in _FORMATS:
+        if fmt.detect(state):
+            return fmt
+    raise ValueError(
+        f"unrecognised checkpoint layout (first keys: {_keys(state)}); known formats: "
+        f"{', '.join(f.name for f in _FORMATS)}"
+    )
+
+
+def load_pretrained(target: nn.Module, path: str | Path, *, load_head: bool = True) -> LoadReport:
+    """Load a checkpoint file into a backbone or a task network (``.backbone`` + ``.head``).
+
+    Head tensors whose shape differs from ours (another number of classes) are skipped, as in
+    fine-tuning; a backbone tensor that cannot be adapted raises a ValueError naming the key.
+    """
+    state = read_checkpoint(path)
+    fmt = detect_format(state)
+    converted = fmt.convert(state)
+    is_task = hasattr(target, "backbone") and hasattr(target, "head")
+    report = LoadReport(path=str(path), format=fmt.name)
+    ours = target.state_dict()
+    to_load: StateDict = {}
+    for key, tensor in converted.items():
+        part = key.split(".", 1)[0]
+        if part == "head" and (not is_task or not load_head):
+            report.skipped.append(key)
+            continue
+        name = key if is_task else key.removeprefix("backbone.")
+        if name not in ours:
+            report.unexpected.append(key)
+            continue
+        if tensor.shape != ours[name].shape:
+            if part == "head":
+                report.skipped.append(f"{key} (checkpoint {tuple(tensor.shape)}, model {tuple(ours[name].shape)})")
+                continue
+            owner = target.backbone if is_task else target
+            local = name.removeprefix("backbone.") if is_task else name
+            adapted = owner.adapt_checkpoint_tensor(local, tensor) if hasattr(owner, "adapt_checkpoint_tensor") else None
+            if adapted is None or adapted.shape != ours[name].shape:
+                raise ValueError(
+                    f"checkpoint {path}: tensor {key!r} has shape {tuple(tensor.shape)} but the model's "
+                    f"{name!r} has {tuple(ours[name].shape)}; the checkpoint was made for another architecture "
+                    "(check the preset and its embed_dim/depth/patch_size)"
+                )
+            tensor = adapted
+            report.adapted.append(key)
+        to_load[name] = tensor.to(ours[name].dtype)
+    if not to_load:
+        raise ValueError(f"checkpoint {path} (format {fmt.name}) has no tensor that fits this model")
+    target.load_state_dict(to_load, strict=False)
+    report.loaded = sorted(to_load)
+    prefix_ok = ("backbone.", "head.") if is_task else ("",)
+    report.missing = sorted(k for k in ours if k not in to_load and k.startswith(prefix_ok))
+    log.info(report.summary())
+    return report
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    return bool(obj) and sum(isinstance(v, torch.Tensor) for v in obj.values()) >= max(1, len(obj) // 2)
+
+
+def _keys(obj: object) -> list[str]:
+    return list(obj)[:6] if isinstance(obj, Mapping) else [type(obj).__name__]
+
+
+# --- formats -------------------------------------------------------------------------------------------
+
+
+def _convert_ours(state: StateDict) -> StateDict:
+    """Our own checkpoints: a Lightning ``.ckpt`` or a saved task network (``backbone.``/``head.``)."""
+    stripped = {k.removeprefix("model."): v for k, v in state.items()}
+    return {k: v for k, v in stripped.items() if k.split(".", 1)[0] in ("backbone", "head")}
+
+
+def _is_timm_vit(state: Mapping[str, torch.Tensor]) -> bool:
+    return "patch_embed.proj.weight" in state and "blocks.0.attn.qkv.weight" in state
+
+
+def _convert_timm_vit(state: StateDict) -> StateDict:
+    """timm's ``VisionTransformer``: our ViT uses its names; its classifier maps onto our head."""
+    out: StateDict = {}
+    for key, value in state.items():
+        if key.startswith("head."):
+            out["head.fc." + key.removeprefix("head.")] = value
+        elif key.startswith(("attn_pool.", "fc_norm.")):
+            out["head." + key] = value
+        else:
+            out["backbone." + key] = value
+    return out
+
+
+register_format("timm-vit", _is_timm_vit, _convert_timm_vit)
+register_format("vision-suite", lambda s: any(k.startswith(("backbone.", "model.backbone.")) for k in s), _convert_ours)

@@ -1,0 +1,192 @@
+"""ImageFolder classification data: ``root/train/<class>/*.png``, ``root/val/<class>/*.png``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import lightning as L
+import torch
+from albumentations.pytorch import ToTensorV2
+from torch.utils.data import DataLoader, Dataset
+
+from .common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataError,
+    check_images,
+    default_num_workers,
+    format_list,
+    list_images,
+    make_loader,
+    read_image,
+)
+from .synthetic import SHAPE_CLASSES, synthetic_shapes
+
+
+def scan_image_folder(folder: Path, classes: Sequence[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Classes (sorted sub-folder names) and ``(path, class index)`` samples; empty classes raise."""
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}")
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise DataError(f"{folder} has no class sub-folders (expected {folder}/<class name>/<image>)")
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{folder} has class folders not in the training classes: {format_list(unknown)}")
+    samples: list[tuple[Path, int]] = []
+    for name in found:
+        images = list_images(folder / name)
+        if not images:
+            raise DataError(f"class folder {folder / name} holds no image files")
+        samples += [(p, classes.index(name)) for p in images]
+    return list(classes), samples
+
+
+class ImageFolderDataset(Dataset):
+    """``(path, label)`` samples decoded with PIL and transformed with albumentations."""
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform: A.Compose) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.samples[index]
+        image = self.transform(image=read_image(path))["image"]
+        return {"input": image, "target": torch.tensor(label), "index": index, "path": str(path)}
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """ImageFolder train/val(/test) splits with albumentations pipelines; synthetic shapes by default.
+
+    Args:
+        root: folder with ``train/`` and ``val/`` ImageFolder trees; ``None`` writes and uses the built-in
+            synthetic shapes set (PNG, same layout).
+        train_dir, val_dir, test_dir: sub-folders of ``root``; ``test_dir=None`` tests on ``val_dir``.
+        predict_dir: folder of images (any layout) for ``predict``; ``None`` predicts ``root/val_dir``.
+        image_size: side of the square crops fed to the model.
+        crop_scale: area range of the training RandomResizedCrop.
+        crop_pct: evaluation resizes the short side to ``image_size / crop_pct`` then center-crops.
+        hflip: horizontal flip probability in training.
+        color_jitter: strength of brightness/contrast/saturation jitter in training (0 disables).
+        mean, std: normalisation, in 0..1 units.
+        batch_size: per process; the effective batch is ``batch_size * devices * nodes * accumulate``.
+        num_workers: loader processes.
+        check_files: open every image header at setup so a corrupt file fails now, not mid-epoch.
+        synthetic_size, synthetic_train_per_class: shape of the default data set.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        *,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        test_dir: str | None = None,
+        predict_dir: str | None = None,
+        image_size: int = 224,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        crop_pct: float = 0.875,
+        hflip: float = 0.5,
+        color_jitter: float = 0.0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        check_files: bool = True,
+        synthetic_size: int = 64,
+        synthetic_train_per_class: int = 400,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root) if root else None
+        if self.root is None:
+            self.class_names = list(SHAPE_CLASSES)
+        else:
+            self.class_names, _ = scan_image_folder(self.root / train_dir)
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.datasets: dict[str, ImageFolderDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def prepare_data(self) -> None:
+        if self.root is None:
+            synthetic_shapes(self.hparams.synthetic_size, self.hparams.synthetic_train_per_class)
+
+    def data_root(self) -> Path:
+        if self.root is not None:
+            return self.root
+        return synthetic_shapes(self.hparams.synthetic_size, self.hparams.synthetic_train_per_class)
+
+    def train_transform(self) -> A.Compose:
+        hp = self.hparams
+        ops: list[A.BasicTransform] = [
+            A.RandomResizedCrop(size=(hp.image_size, hp.image_size), scale=tuple(hp.crop_scale)),
+            A.HorizontalFlip(p=hp.hflip),
+        ]
+        if hp.color_jitter > 0:
+            j = hp.color_jitter
+            ops.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=0.8))
+        return A.Compose([*ops, A.Normalize(mean=hp.mean, std=hp.std), ToTensorV2()])
+
+    def eval_transform(self) -> A.Compose:
+        hp = self.hparams
+        return A.Compose(
+            [
+                A.SmallestMaxSize(max_size=round(hp.image_size / hp.crop_pct)),
+                A.CenterCrop(height=hp.image_size, width=hp.image_size),
+                A.Normalize(mean=hp.mean, std=hp.std),
+                ToTensorV2(),
+            ]
+        )
+
+    def _split(self, folder: str, transform: A.Compose) -> ImageFolderDataset:
+        _, samples = scan_image_folder(self.data_root() / folder, self.class_names)
+        if self.hparams.check_files:
+            check_images([p for p, _ in samples])
+        return ImageFolderDataset(samples, transform)
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if stage == "fit":
+            self.datasets["train"] = self._split(hp.train_dir, self.train_transform())
+            self.datasets["val"] = self._split(hp.val_dir, self.eval_transform())
+        elif stage == "validate":
+            self.datasets["val"] = self._split(hp.val_dir, self.eval_transform())
+        elif stage == "test":
+            self.datasets["test"] = self._split(hp.test_dir or hp.val_dir, self.eval_transform())
+        elif stage == "predict":
+            folder = Path(hp.predict_dir) if hp.predict_dir else self.data_root() / hp.val_dir
+            images = list_images(folder)
+            if not images:
+                raise DataError(f"no image files under {folder} to predict")
+            if hp.check_files:
+                check_images(images)
+            self.datasets["predict"] = ImageFolderDataset([(p, -1) for p in images], self.eval_transform())
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        return make_loader(
+            self.datasets[split], batch_size=self.hparams.batch_size, num_workers=self.num_workers,
+            shuffle=train, drop_last=train and len(self.datasets[split]) > self.hparams.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")

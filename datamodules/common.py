@@ -1,0 +1,77 @@
+"""Pieces every DataModule shares: image reading with clear errors, up-front file checks, loaders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """A problem with the user's data, naming the file or folder at fault."""
+
+
+def default_num_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
+    """Decode an image to a ``[H, W, C]`` (or ``[H, W]`` for mode ``L``/``P``) uint8 array."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert(mode) if img.mode != mode else img.copy())
+    except Exception as err:  # PIL raises several types for corrupt or truncated files
+        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+
+
+def check_images(paths: Sequence[str | Path], *, workers: int = 8) -> None:
+    """Open every file's header (in threads) and raise one DataError listing the unreadable ones."""
+
+    def probe(path: str | Path) -> str | None:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+            return None
+        except Exception as err:
+            return f"{path}: {type(err).__name__}: {err}"
+
+    with ThreadPoolExecutor(workers) as pool:
+        bad = [msg for msg in pool.map(probe, paths) if msg]
+    if bad:
+        listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise DataError(f"{len(bad)} unreadable image file(s):\n  {listing}")
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def make_loader(
+    dataset: Dataset, *, batch_size: int, num_workers: int, shuffle: bool, drop_last: bool = False,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=False,
+        collate_fn=collate_fn,
+    )
+
+
+def format_list(items: Iterable[Any], limit: int = 10) -> str:
+    items = list(items)
+    return ", ".join(map(str, items[:limit])) + (f", ... ({len(items)} in all)" if len(items) > limit else "")

@@ -1,0 +1,87 @@
+"""Writing predictions: one CSV per run, per-sample files written atomically, each output written once."""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path`` and rename it into place, so a crash
+    never leaves a half-written output under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Collect the rows that the module's ``predict_step`` returns and write ``<output_dir>/predictions.csv``.
+
+    Tasks that produce a file per input (masks, volumes) write them inside ``predict_step`` through
+    ``output_dir`` and return one row per file. Under several processes each rank writes its own part,
+    and rank 0 merges them in input order, so every prediction is written exactly once.
+
+    Args:
+        output_dir: folder for ``predictions.csv`` and per-sample outputs.
+    """
+
+    def __init__(self, output_dir: str = "predictions") -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.rows: list[dict[str, Any]] = []
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows = []
+        pl_module.predict_output_dir = self.output_dir
+
+    def write_on_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, batch_indices: Sequence[int] | None,
+        batch: Any, batch_idx: int, dataloader_idx: int,
+    ) -> None:
+        self.rows.extend(prediction)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rank, world = trainer.global_rank, trainer.world_size
+        if world == 1:
+            self._write_csv(self.output_dir / "predictions.csv", sorted(self.rows, key=lambda r: r["index"]))
+            return
+        part = self.output_dir / f".predictions.rank{rank}.pt"
+        atomic_write(part, lambda tmp: torch.save(self.rows, tmp))
+        trainer.strategy.barrier()
+        if rank == 0:
+            merged: dict[int, dict[str, Any]] = {}
+            for r in range(world):
+                shard = self.output_dir / f".predictions.rank{r}.pt"
+                for row in torch.load(shard, weights_only=True):
+                    merged.setdefault(row["index"], row)  # the distributed sampler pads with repeats
+                shard.unlink()
+            self._write_csv(self.output_dir / "predictions.csv", [merged[i] for i in sorted(merged)])
+        trainer.strategy.barrier()
+
+    @staticmethod
+    def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+        columns = [c for c in (rows[0] if rows else {"index": 0}) if c != "index"]
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(path, write)
