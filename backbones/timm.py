@@ -37,6 +37,7 @@ class TimmBackbone(Backbone):
         if not hasattr(self.model, "forward_intermediates"):
             raise ValueError(f"timm model {model_name!r} has no forward_intermediates, so no feature maps")
         self.model_name = model_name
+        self.checkpoint_prefix = "model."  # timm's own state dicts load into self.model
         self.in_chans = in_chans
         self.num_features = getattr(self.model, "head_hidden_size", self.model.num_features)
         self.default_pool = "native"
@@ -53,7 +54,7 @@ class TimmBackbone(Backbone):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         self.check_input(x)
-        return self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
+        return self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True, stop_early=True)
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
         """The model's own pooled features ``[B, num_features]``, what its classifier would see."""

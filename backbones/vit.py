@@ -9,6 +9,7 @@ channel-first maps; the last block's output is the final-normalised one, as a cl
 from __future__ import annotations
 
 import math
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal
@@ -80,11 +81,11 @@ class VisionTransformer(Backbone):
         self.img_size = to_tuple(img_size, spatial_dims, "img_size")
         self.grid = self.patch_embed.grid(self.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        num_pos = self.num_prefix_tokens + int(torch.tensor(self.grid).prod())
+        num_pos = self.num_prefix_tokens + math.prod(self.grid)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,
@@ -117,6 +118,58 @@ class VisionTransformer(Backbone):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def adapt_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        """Make a checkpoint tensor of another shape fit: position embeddings are resampled to our grid
+        (2-D grids are inflated over depth for 3-D models), the class-token slot is added or dropped,
+        patch kernels are adapted to our input channels and inflated from 2-D to 3-D."""
+        if name == "pos_embed":
+            return self._adapt_pos_embed(tensor)
+        if name == "patch_embed.proj.weight":
+            return self._adapt_patch_kernel(tensor)
+        return None
+
+    def _adapt_pos_embed(self, pos: torch.Tensor) -> torch.Tensor | None:
+        ours = self.pos_embed.shape[1] - self.num_prefix_tokens
+        grid_tokens = pos.shape[1]
+        for prefix in (self.num_prefix_tokens, 1 - self.num_prefix_tokens):
+            n = grid_tokens - prefix
+            if n <= 0:
+                continue
+            side3, side2 = round(n ** (1 / 3)), math.isqrt(n)
+            if self.spatial_dims == 3 and side3**3 == n:
+                grid = resample_pos_embed(pos[:, prefix:], (side3,) * 3, self.grid)
+            elif side2 * side2 == n:
+                plane = resample_pos_embed(pos[:, prefix:], (side2, side2), self.grid[-2:])
+                depth = self.grid[0] if self.spatial_dims == 3 else 1
+                grid = plane.repeat(1, depth, 1)  # the same 2-D embedding on every slice: [1, D*H*W, C]
+            else:
+                continue
+            if grid.shape[1] != ours:
+                return None
+            if self.num_prefix_tokens == 0:
+                return grid
+            cls = pos[:, :1] if prefix else torch.zeros_like(pos[:, :1])
+            return torch.cat([cls, grid], dim=1)
+        return None
+
+    def _adapt_patch_kernel(self, weight: torch.Tensor) -> torch.Tensor | None:
+        target = self.patch_embed.proj.weight.shape  # [C, in_chans, *patch]
+        if weight.shape[1] != self.in_chans:
+            from timm.models import adapt_input_conv
+
+            flat = weight.reshape(*weight.shape[:3], -1)  # [O, I, a, b(*c)]: timm adapts 4-D kernels
+            weight = adapt_input_conv(self.in_chans, flat).reshape(weight.shape[0], self.in_chans, *weight.shape[2:])
+        if weight.ndim == 4 and len(target) == 5:
+            depth = target[2]
+            if tuple(weight.shape[2:]) != tuple(target[3:]):
+                return None
+            weight = weight.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth  # average inflation (I3D)
+        elif weight.ndim == 4 and tuple(weight.shape[2:]) != tuple(target[2:]):
+            from timm.layers import resample_patch_embed
+
+            weight = resample_patch_embed(weight, list(target[2:]))
+        return weight
 
     def adapt_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
         """Make a checkpoint tensor of another shape fit: position embeddings are resampled to our grid

@@ -118,6 +118,12 @@ def load_pretrained(target: nn.Module, path: str | Path, *, load_head: bool = Tr
     converted = fmt.convert(state)
     is_task = hasattr(target, "backbone") and hasattr(target, "head")
     report = LoadReport(path=str(path), format=fmt.name)
+    derive = getattr(target.backbone if is_task else target, "derive_checkpoint_tensors", None)
+    if derive is not None:  # e.g. a video ViT's temporal attention initialised from an image ViT's spatial one
+        local = {k.removeprefix("backbone."): v for k, v in converted.items() if k.startswith("backbone.")}
+        derived = {f"backbone.{k}": v for k, v in derive(local).items()}
+        converted.update(derived)
+        report.adapted.extend(f"{k} (derived)" for k in derived)
     ours = target.state_dict()
     to_load: StateDict = {}
     for key, tensor in converted.items():
@@ -125,7 +131,11 @@ def load_pretrained(target: nn.Module, path: str | Path, *, load_head: bool = Tr
         if part == "head" and (not is_task or not load_head):
             report.skipped.append(key)
             continue
-        name = key if is_task else key.removeprefix("backbone.")
+        if part == "backbone":  # a wrapper backbone (timm:) keeps the foreign model under a prefix
+            key_local = getattr(target.backbone if is_task else target, "checkpoint_prefix", "") + key[len("backbone."):]
+            name = f"backbone.{key_local}" if is_task else key_local
+        else:
+            name = key
         if name not in ours:
             report.unexpected.append(key)
             continue
@@ -134,7 +144,7 @@ def load_pretrained(target: nn.Module, path: str | Path, *, load_head: bool = Tr
                 report.skipped.append(f"{key} (checkpoint {tuple(tensor.shape)}, model {tuple(ours[name].shape)})")
                 continue
             owner = target.backbone if is_task else target
-            local = name.removeprefix("backbone.") if is_task else name
+            local = name.removeprefix("backbone.")
             adapted = owner.adapt_checkpoint_tensor(local, tensor) if hasattr(owner, "adapt_checkpoint_tensor") else None
             if adapted is None or adapted.shape != ours[name].shape:
                 raise ValueError(
@@ -189,5 +199,23 @@ def _convert_timm_vit(state: StateDict) -> StateDict:
     return out
 
 
+def _is_timesformer_release(state: Mapping[str, torch.Tensor]) -> bool:
+    return "model.patch_embed.proj.weight" in state and "model.blocks.0.attn.qkv.weight" in state
+
+
+def _convert_timesformer_release(state: StateDict) -> StateDict:
+    """facebookresearch/TimeSformer ``.pyth`` files: ``model_state`` (unwrapped by ``read_checkpoint``)
+    holding timm-style names under ``model.``, plus ``time_embed`` and ``blocks.N.temporal_*``, which are
+    our names too."""
+    return _convert_timm_vit({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+
+
+def _convert_plain(state: StateDict) -> StateDict:
+    """Any other state dict (a timm model's, a bare backbone's): names kept, a ``head.`` classifier is ours."""
+    return {(f"head.fc.{k[5:]}" if k.startswith("head.") else f"backbone.{k}"): v for k, v in state.items()}
+
+
+register_format("plain", lambda s: True, _convert_plain)
 register_format("timm-vit", _is_timm_vit, _convert_timm_vit)
+register_format("timesformer-release", _is_timesformer_release, _convert_timesformer_release)
 register_format("vision-suite", lambda s: any(k.startswith(("backbone.", "model.backbone.")) for k in s), _convert_ours)

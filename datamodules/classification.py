@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import albumentations as A
+import cv2
+import numpy as np
 import lightning as L
 import torch
 from albumentations.pytorch import ToTensorV2
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .common import (
@@ -47,6 +50,20 @@ def scan_image_folder(folder: Path, classes: Sequence[str] | None = None) -> tup
     return list(classes), samples
 
 
+class TimmRandAugment:
+    """timm's RandAugment (``rand-m9-mstd0.5-inc1`` strings) applied to the numpy image in an albumentations
+    pipeline; a class rather than a lambda so loader workers can pickle it."""
+
+    def __init__(self, config: str, image_size: int, mean: Sequence[float]) -> None:
+        from timm.data.auto_augment import rand_augment_transform
+
+        hparams = {"translate_const": int(image_size * 0.45), "img_mean": tuple(round(255 * m) for m in mean)}
+        self.transform = rand_augment_transform(config, hparams)
+
+    def __call__(self, image: np.ndarray, **kwargs: Any) -> np.ndarray:
+        return np.asarray(self.transform(Image.fromarray(image)))
+
+
 class ImageFolderDataset(Dataset):
     """``(path, label)`` samples decoded with PIL and transformed with albumentations."""
 
@@ -76,6 +93,9 @@ class ClassificationDataModule(L.LightningDataModule):
         crop_pct: evaluation resizes the short side to ``image_size / crop_pct`` then center-crops.
         hflip: horizontal flip probability in training.
         color_jitter: strength of brightness/contrast/saturation jitter in training (0 disables).
+        rand_augment: timm RandAugment config string (``rand-m9-mstd0.5-inc1`` in DeiT), ``None`` for none.
+        random_erasing: probability of random erasing with noise after normalisation (0.25 in DeiT).
+        interpolation: resampling of resize/crop (``bicubic`` as in the ViT/DeiT recipes).
         mean, std: normalisation, in 0..1 units.
         batch_size: per process; the effective batch is ``batch_size * devices * nodes * accumulate``.
         num_workers: loader processes.
@@ -96,6 +116,9 @@ class ClassificationDataModule(L.LightningDataModule):
         crop_pct: float = 0.875,
         hflip: float = 0.5,
         color_jitter: float = 0.0,
+        rand_augment: str | None = None,
+        random_erasing: float = 0.0,
+        interpolation: Literal["bilinear", "bicubic"] = "bicubic",
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         batch_size: int = 32,
@@ -130,19 +153,30 @@ class ClassificationDataModule(L.LightningDataModule):
     def train_transform(self) -> A.Compose:
         hp = self.hparams
         ops: list[A.BasicTransform] = [
-            A.RandomResizedCrop(size=(hp.image_size, hp.image_size), scale=tuple(hp.crop_scale)),
+            A.RandomResizedCrop(
+                size=(hp.image_size, hp.image_size), scale=tuple(hp.crop_scale), interpolation=self._interpolation
+            ),
             A.HorizontalFlip(p=hp.hflip),
         ]
         if hp.color_jitter > 0:
             j = hp.color_jitter
             ops.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=0.8))
-        return A.Compose([*ops, A.Normalize(mean=hp.mean, std=hp.std), ToTensorV2()])
+        if hp.rand_augment:
+            ops.append(A.Lambda(image=TimmRandAugment(hp.rand_augment, hp.image_size, hp.mean)))
+        ops.append(A.Normalize(mean=hp.mean, std=hp.std))
+        if hp.random_erasing > 0:
+            ops.append(A.Erasing(p=hp.random_erasing, fill="random"))
+        return A.Compose([*ops, ToTensorV2()])
+
+    @property
+    def _interpolation(self) -> int:
+        return {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}[self.hparams.interpolation]
 
     def eval_transform(self) -> A.Compose:
         hp = self.hparams
         return A.Compose(
             [
-                A.SmallestMaxSize(max_size=round(hp.image_size / hp.crop_pct)),
+                A.SmallestMaxSize(max_size=round(hp.image_size / hp.crop_pct), interpolation=self._interpolation),
                 A.CenterCrop(height=hp.image_size, width=hp.image_size),
                 A.Normalize(mean=hp.mean, std=hp.std),
                 ToTensorV2(),

@@ -82,11 +82,13 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: fl
 
 def shape_image(rng: np.random.Generator, kind: str, size: int) -> Image.Image:
     """One image whose class is the shape drawn on it; colour, size, place and angle are random."""
-    img = Image.fromarray(textured_background(rng, size))
+    background = textured_background(rng, size)
+    img = Image.fromarray(background)
     draw = ImageDraw.Draw(img)
-    r = rng.uniform(0.2, 0.35) * size
+    r = rng.uniform(0.22, 0.36) * size
     cx, cy = rng.uniform(r, size - r, 2)
-    colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+    # random hue, but always far from the background so the outline is visible
+    colour = tuple(int(v) for v in np.clip(255 - background.mean((0, 1)) + rng.normal(0, 40, 3), 0, 255))
     draw_shape(draw, kind, cx, cy, r, rng.uniform(0, 2 * math.pi), colour)
     return img
 
@@ -106,7 +108,7 @@ def write_shape_folder(
 
 def synthetic_shapes(size: int = 64, train_per_class: int = 400, val_per_class: int = 100, seed: int = 0) -> Path:
     """The default classification data set, written on first use."""
-    name = f"shapes-v1-s{size}-n{train_per_class}-{val_per_class}-seed{seed}"
+    name = f"shapes-v2-s{size}-n{train_per_class}-{val_per_class}-seed{seed}"
     return ensure_written(
         name,
         lambda tmp: write_shape_folder(

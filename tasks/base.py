@@ -228,6 +228,18 @@ def build_schedule(
     return sch.SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
 
 
+class MetricsPrinter(L.Callback):
+    """Print the epoch's validation metrics as one line, so a run without a progress bar still shows them."""
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+        if values:
+            shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(values.items()))
+            print(f"epoch {trainer.current_epoch} step {trainer.global_step}: {shown}", flush=True)
+
+
 class TaskCLI(LightningCLI):
     """LightningCLI with ``data.num_classes`` linked into the model and the optimizer owned by the module."""
 
@@ -236,15 +248,23 @@ class TaskCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
 
-def run_cli(model_class: type[TaskModule], datamodule_class: type[L.LightningDataModule], args: Any = None) -> TaskCLI:
-    """Entry point of ``python -m tasks.<name>``: subcommands fit/validate/test/predict, YAML configs."""
+def run_cli(
+    model_class: type[TaskModule], datamodule_class: type[L.LightningDataModule], args: Any = None,
+    cli_class: type[TaskCLI] = TaskCLI, run: bool = True,
+) -> TaskCLI:
+    """Entry point of ``python -m tasks.<name>``: subcommands fit/validate/test/predict, YAML configs.
+    ``cli_class`` lets a task link more data attributes into its model (a ``TaskCLI`` subclass)."""
     torch.set_float32_matmul_precision("high")
-    return TaskCLI(
+    return cli_class(
         model_class,
         datamodule_class,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"default_root_dir": os.environ.get("VISION_SUITE_RUNS", "runs")},
+        trainer_defaults={
+            "default_root_dir": os.environ.get("VISION_SUITE_RUNS", "runs"),
+            "callbacks": [MetricsPrinter()],
+        },
         args=args,
+        run=run,
     )
 
