@@ -1,0 +1,159 @@
+"""Checkpoint formats of MiT encoders and SegFormer models, mapped onto ``mit_*`` and ``SegFormerHead``.
+
+Three families of files are in circulation, each for a bare encoder (ImageNet MiT) and a full model:
+
+- NVlabs/SegFormer (mmseg 0.x): ``patch_embed1.proj``, ``block1.0.attn.q``/``attn.kv``/``attn.sr``,
+  ``mlp.dwconv.dwconv``, ``norm1``..``norm4``; full models prefix ``backbone.`` and add
+  ``decode_head.linear_c{1..4}.proj``, ``decode_head.linear_fuse.conv``/``.bn``, ``decode_head.linear_pred``.
+- segmentation-models-pytorch: the NVlabs encoder names under ``encoder.``, then
+  ``decoder.mlp_stage.{i}.linear`` (deepest first), ``decoder.fuse_stage.{0,1}``, ``segmentation_head.0``.
+- Hugging Face transformers: ``segformer.encoder.block.{i}.{j}.attention.self.query`` ... as on the Hub, and
+  the ``segformer.stages.{i}.blocks.{j}.attention.q_proj`` names of transformers 5's ``state_dict()``;
+  separate key and value projections are concatenated into our ``kv``.
+
+Every converter returns ``backbone.stages.{i}...`` and ``head.{linear.i, fuse, norm, classifier}`` keys
+(``head.fc`` for an ImageNet classifier), the namespace of ``backbones.weights.load_pretrained``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from .weights import StateDict, register_format
+
+# NVlabs encoder names (also smp's, under ``encoder.``) -> ours, applied to the key after its prefix.
+_NVLABS_ENCODER = [
+    (r"^patch_embed(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.patch_embed."),
+    (r"^block(\d)\.(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}."),
+    (r"^norm(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.norm."),
+]
+# Hugging Face names (Hub files and transformers 5) -> ours, applied after ``segformer.`` is removed.
+_HF_ENCODER = [
+    (r"^encoder\.patch_embeddings\.(\d)\.layer_norm\.", r"stages.\1.patch_embed.norm."),
+    (r"^encoder\.patch_embeddings\.(\d)\.", r"stages.\1.patch_embed."),
+    (r"^stages\.(\d)\.patch_embeddings\.layer_norm\.", r"stages.\1.patch_embed.norm."),
+    (r"^stages\.(\d)\.patch_embeddings\.", r"stages.\1.patch_embed."),
+    (r"^encoder\.block\.(\d)\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"^encoder\.layer_norm\.(\d)\.", r"stages.\1.norm."),
+    (r"^(stages\.\d)\.layer_norm\.", r"\1.norm."),
+    (r"\.(layer_norm_1|layernorm_before)\.", ".norm1."),
+    (r"\.(layer_norm_2|layernorm_after)\.", ".norm2."),
+    (r"\.attention\.(self\.query|q_proj)\.", ".attn.q."),
+    (r"\.attention\.(self\.key|k_proj)\.", ".attn.k."),
+    (r"\.attention\.(self\.value|v_proj)\.", ".attn.v."),
+    (r"\.attention\.(self\.sr|sequence_reduction\.sequence_reduction)\.", ".attn.sr."),
+    (r"\.attention\.(self\.layer_norm|sequence_reduction\.layer_norm)\.", ".attn.norm."),
+    (r"\.attention\.(output\.dense|o_proj)\.", ".attn.proj."),
+    (r"\.mlp\.dense1\.", ".mlp.fc1."),
+    (r"\.mlp\.dense2\.", ".mlp.fc2."),
+]
+_HF_HEAD = [
+    (r"^decode_head\.(linear_c|linear_projections)\.(\d)\.proj\.", r"linear.\2."),
+    (r"^decode_head\.linear_fuse\.", "fuse."),
+    (r"^decode_head\.batch_norm\.", "norm."),
+    (r"^decode_head\.classifier\.", "classifier."),
+    (r"^classifier\.", "fc."),
+]
+_NVLABS_HEAD = [
+    (r"^decode_head\.linear_c(\d)\.proj\.", lambda m: f"linear.{int(m[1]) - 1}."),
+    (r"^decode_head\.linear_fuse\.conv\.", "fuse."),
+    (r"^decode_head\.linear_fuse\.bn\.", "norm."),
+    (r"^decode_head\.linear_pred\.", "classifier."),
+]
+
+
+def _rename(key: str, rules: list, *, first: bool = False) -> str | None:
+    """Apply every matching rule in order (only the first with ``first``); ``None`` when none matched."""
+    out, hit = key, False
+    for pattern, repl in rules:
+        new = re.sub(pattern, repl, out)
+        if new != out and first:
+            return new
+        hit |= new != out
+        out = new
+    return out if hit else None
+
+
+def _mit_encoder(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
+    """NVlabs encoder keys under ``prefix`` -> ``backbone.stages...``; ``mlp.dwconv.dwconv`` loses a level."""
+    out: StateDict = {}
+    for key, value in state.items():
+        if key.startswith(prefix) and (name := _rename(key.removeprefix(prefix), _NVLABS_ENCODER)):
+            out["backbone." + name.replace("mlp.dwconv.dwconv.", "mlp.dwconv.")] = value
+    return out
+
+
+def _merge_kv(state: StateDict) -> StateDict:
+    """Concatenate separate ``attn.k``/``attn.v`` projections into our ``attn.kv`` (keys first)."""
+    for key in [k for k in state if ".attn.k." in k]:
+        state[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([state.pop(key), state.pop(key.replace(".attn.k.", ".attn.v."))])
+    return state
+
+
+# --- NVlabs / mmseg 0.x ----------------------------------------------------------------------------------
+
+
+def _is_nvlabs(state: Mapping[str, torch.Tensor]) -> bool:
+    return "patch_embed1.proj.weight" in state or "backbone.patch_embed1.proj.weight" in state
+
+
+def _convert_nvlabs(state: StateDict) -> StateDict:
+    """A SegFormer from NVlabs/mmseg (``backbone.`` + ``decode_head.``) or a bare ImageNet MiT."""
+    full = "backbone.patch_embed1.proj.weight" in state
+    out = _mit_encoder(state, "backbone." if full else "")
+    for key, value in state.items():
+        if full and (name := _rename(key, _NVLABS_HEAD, first=True)):
+            out["head." + name] = value
+        elif not full and key.startswith("head."):  # the ImageNet classifier
+            out["head.fc." + key.removeprefix("head.")] = value
+    return out
+
+
+# --- segmentation-models-pytorch -------------------------------------------------------------------------
+
+
+def _is_smp(state: Mapping[str, torch.Tensor]) -> bool:
+    return "encoder.patch_embed1.proj.weight" in state
+
+
+def _convert_smp(state: StateDict) -> StateDict:
+    """``smp.Segformer(encoder_name="mit_b*")``; its decoder lists the stages deepest first."""
+    out = _mit_encoder(state, "encoder.")
+    stages = sorted({int(m[1]) for k in state if (m := re.match(r"decoder\.mlp_stage\.(\d+)\.", k))})
+    for key, value in state.items():
+        if m := re.match(r"decoder\.mlp_stage\.(\d+)\.linear\.(.+)", key):
+            out[f"head.linear.{len(stages) - 1 - int(m[1])}.{m[2]}"] = value
+        elif key.startswith("decoder.fuse_stage.0."):
+            out["head.fuse." + key.removeprefix("decoder.fuse_stage.0.")] = value
+        elif key.startswith("decoder.fuse_stage.1."):
+            out["head.norm." + key.removeprefix("decoder.fuse_stage.1.")] = value
+        elif key.startswith("segmentation_head.0."):
+            out["head.classifier." + key.removeprefix("segmentation_head.0.")] = value
+    return out
+
+
+# --- Hugging Face transformers ----------------------------------------------------------------------------
+
+
+def _is_hf(state: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("segformer.encoder.patch_embeddings.", "segformer.stages.")) for k in state)
+
+
+def _convert_hf(state: StateDict) -> StateDict:
+    """``SegformerForSemanticSegmentation`` / ``SegformerForImageClassification`` / ``SegformerModel``."""
+    out: StateDict = {}
+    for key, value in state.items():
+        local = key.removeprefix("segformer.")
+        if key.startswith("segformer.") and (name := _rename(local, _HF_ENCODER) or local).startswith("stages."):
+            out["backbone." + name.replace("mlp.dwconv.dwconv.", "mlp.dwconv.")] = value
+        elif name := _rename(key, _HF_HEAD, first=True):
+            out["head." + name] = value
+    return _merge_kv(out)
+
+
+register_format("segformer-nvlabs", _is_nvlabs, _convert_nvlabs)
+register_format("segformer-smp", _is_smp, _convert_smp)
+register_format("segformer-hf", _is_hf, _convert_hf)

@@ -1,0 +1,290 @@
+"""Semantic segmentation: the SegFormer all-MLP decoder over any backbone, and ``SegmentationModule``.
+
+``python -m tasks.segmentation fit --config configs/segformer_b0.yaml``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from backbones.mix_transformer import map_to_tokens, tokens_to_map
+
+from .base import Stage, TaskModule, run_cli
+from .predict import atomic_write
+
+
+class SegFormerHead(nn.Module):
+    """All-MLP decoder (Xie et al., 2021): each map is projected to ``embed_dim`` and upsampled to the
+    finest map, the maps are fused by a 1x1 convolution with BatchNorm and ReLU, then classified.
+
+    The projection and the fuse convolution are linear and bilinear upsampling commutes with a
+    per-pixel linear map (its weights sum to one, so biases pass through), so by default each map is
+    multiplied by the product ``fuse_i @ linear_i`` *before* upsampling: the same function with the same
+    parameters, without the ``[B, n * embed_dim, H/4, W/4]`` concatenation and its convolution. The
+    channel dropout before the classifier is likewise applied to the classifier's weights per sample.
+
+    Args:
+        in_channels: channels of the backbone maps, shallow to deep (``[f.channels for f in feature_info]``).
+        num_classes: output channels.
+        embed_dim: decoder width (256 for MiT-B0/B1, 768 for B2-B5).
+        dropout: channel dropout before the classifier.
+        fold_projections: fold projection and fusion as described; ``False`` runs them one after the other.
+    """
+
+    def __init__(
+        self, in_channels: Sequence[int], num_classes: int, *, embed_dim: int = 256, dropout: float = 0.1,
+        fold_projections: bool = True,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.fold_projections = fold_projections
+        self.linear = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
+        self.fuse = nn.Conv2d(len(in_channels) * embed_dim, embed_dim, 1, bias=False)  # inputs deepest map first
+        self.norm = nn.BatchNorm2d(embed_dim)
+        self.act = nn.ReLU(inplace=True)
+        self.dropout = dropout
+        self.classifier = nn.Conv2d(embed_dim, num_classes, 1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[B, C_i, h_i, w_i]`` maps -> logits ``[B, num_classes, h, w]`` at the finest map's size."""
+        if len(features) != len(self.linear):
+            raise ValueError(f"SegFormerHead was built for {len(self.linear)} feature maps, got {len(features)}")
+        size = max((tuple(f.shape[2:]) for f in features), key=lambda s: s[0] * s[1])
+        if not self.fold_projections:
+            maps = [self._resize(tokens_to_map(lin(map_to_tokens(f)), f.shape[2:]), size) for f, lin in zip(features, self.linear)]
+            x = self.act(self.norm(self.fuse(torch.cat(maps[::-1], dim=1))))
+            return self.classifier(F.dropout2d(x, self.dropout, self.training))
+        fuse = self.fuse.weight.flatten(1).split(self.embed_dim, dim=1)[::-1]  # per map, shallow to deep: [E, E]
+        x = None
+        for f, linear, w in zip(features, self.linear, fuse):
+            y = F.linear(map_to_tokens(f), w @ linear.weight, w @ linear.bias)  # [B, h*w, E]
+            y = self._resize(tokens_to_map(y, f.shape[2:]), size)
+            x = y if x is None else x.add_(y)  # in place: large CPU buffers are costly to allocate
+        tokens = map_to_tokens(self.act(self.norm(x)))  # [B, h*w, E]
+        weight, bias = self.classifier.weight.flatten(1), self.classifier.bias  # [K, E], [K]
+        if self.training and self.dropout > 0:
+            # channel dropout (Dropout2d) as a per-sample mask on the classifier weights, not on the map
+            keep = tokens.new_empty(tokens.shape[0], 1, tokens.shape[2]).bernoulli_(1 - self.dropout) / (1 - self.dropout)
+            logits = torch.bmm(tokens, (weight * keep).transpose(1, 2)) + bias  # [B, h*w, K]
+        else:
+            logits = F.linear(tokens, weight, bias)
+        return tokens_to_map(logits, size).contiguous()  # [B, K, h, w]
+
+    @staticmethod
+    def _resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+        return x if tuple(x.shape[2:]) == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class SegmentationModule(TaskModule):
+    """Semantic segmentation: backbone, ``SegFormerHead``, logits upsampled to the label size.
+
+    Args:
+        decoder_dim: width of the decoder (``SegFormerHead.embed_dim``).
+        decoder_dropout: channel dropout before the classifier.
+        ignore_index: label left out of the loss and the metrics (linked from the data).
+        align_corners: of the final bilinear upsampling; mmseg uses ``False``, segmentation-models-pytorch
+            ``True`` (set it to reproduce an smp model's outputs exactly).
+        ce_weight, dice_weight, lovasz_weight: weights of cross-entropy and of smp's Dice and Lovasz losses.
+        class_weights: cross-entropy weight per class.
+        inference: ``whole`` image or ``slide`` (windows of ``window_size`` every ``window_stride``,
+            averaged) for validation, test and predict.
+        window_size, window_stride: sliding-window size and step (height, width).
+        sw_batch_size: windows per forward pass.
+        save_overlay: ``predict`` also writes the colour mask blended over the image.
+        **kwargs: backbone, data link and optimisation recipe of ``TaskModule``.
+    """
+
+    def __init__(
+        self,
+        *,
+        decoder_dim: int = 256,
+        decoder_dropout: float = 0.1,
+        ignore_index: int = 255,
+        align_corners: bool = False,
+        ce_weight: float = 1.0,
+        dice_weight: float = 0.0,
+        lovasz_weight: float = 0.0,
+        class_weights: list[float] | None = None,
+        inference: Literal["whole", "slide"] = "whole",
+        window_size: tuple[int, int] = (512, 512),
+        window_stride: tuple[int, int] = (341, 341),
+        sw_batch_size: int = 1,
+        save_overlay: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.decoder_dim, self.decoder_dropout = decoder_dim, decoder_dropout
+        super().__init__(**kwargs)
+        if class_weights is not None and len(class_weights) != self.num_classes:
+            raise ValueError(f"class_weights has {len(class_weights)} entries for {self.num_classes} classes")
+        self.register_buffer("class_weights", None if class_weights is None else torch.tensor(class_weights), persistent=False)
+        self.extra_losses = nn.ModuleDict()
+        if dice_weight or lovasz_weight:
+            from segmentation_models_pytorch.losses import DiceLoss, LovaszLoss
+
+            if dice_weight:
+                self.extra_losses["dice"] = DiceLoss("multiclass", ignore_index=ignore_index)
+            if lovasz_weight:
+                self.extra_losses["lovasz"] = LovaszLoss("multiclass", ignore_index=ignore_index)
+        self.class_names: list[str] = [str(i) for i in range(self.num_classes)]
+        self.palette: list[tuple[int, int, int]] | None = None
+
+    def build_head(self) -> nn.Module:
+        return SegFormerHead(
+            [f.channels for f in self.backbone.feature_info], self.num_classes, embed_dim=self.decoder_dim,
+            dropout=self.decoder_dropout,
+        )
+
+    def build_metrics(self) -> MetricCollection:
+        k, ignore = self.num_classes, self.hparams.ignore_index
+        return MetricCollection(
+            {
+                "miou": MulticlassJaccardIndex(k, average="macro", ignore_index=ignore, validate_args=False),
+                "acc": MulticlassAccuracy(k, average="micro", ignore_index=ignore, validate_args=False),
+                "macc": MulticlassAccuracy(k, average="macro", ignore_index=ignore, validate_args=False),
+            }
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes, H, W]`` at the input's size."""
+        logits = self.head(self.backbone(x))
+        return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=self.hparams.align_corners)
+
+    def forward_stage(self, x: torch.Tensor, stage: Stage) -> torch.Tensor:
+        if stage == "train" or self.hparams.inference == "whole":
+            return self(x)
+        return self.sliding_window(x)
+
+    def sliding_window(self, x: torch.Tensor) -> torch.Tensor:
+        """Average the logits of windows of ``window_size`` placed every ``window_stride`` (the last one flush with
+        the border, as mmseg); windows larger than the image shrink to it, so no padding enters the model."""
+        from monai.inferers import sliding_window_inference
+
+        roi = [min(c, s) for c, s in zip(self.hparams.window_size, x.shape[2:])]
+        # MONAI steps int(roi * (1 - overlap)); the half pixel keeps the float product from rounding down
+        overlap = [1.0 - (min(st, r) + 0.5) / r for st, r in zip(self.hparams.window_stride, roi)]
+        return sliding_window_inference(x, roi, self.hparams.sw_batch_size, self, overlap=overlap, mode="constant")
+
+    def to_label_size(self, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        if tuple(logits.shape[2:]) == tuple(size):
+            return logits
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=self.hparams.align_corners)
+
+    def compute_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        hp = self.hparams
+        output = self.to_label_size(output, target.shape[1:])
+        loss = hp.ce_weight * F.cross_entropy(output, target, weight=self.class_weights, ignore_index=hp.ignore_index)
+        if "dice" in self.extra_losses:
+            loss = loss + hp.dice_weight * self.extra_losses["dice"](output, target)
+        if "lovasz" in self.extra_losses:
+            loss = loss + hp.lovasz_weight * self.extra_losses["lovasz"](output, target)
+        return loss
+
+    def metric_inputs(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.to_label_size(output, target.shape[1:]).argmax(1), target
+
+    # --- per-class IoU and the summary line -------------------------------------------------------------
+
+    def class_iou(self, stage: Literal["val", "test"]) -> torch.Tensor:
+        """IoU per class from the stage's accumulated confusion matrix (NaN where a class never occurs)."""
+        metric = self.metrics[f"{stage}_metrics"]["miou"]
+        with metric.sync_context():
+            confmat = metric.confmat.double().clone()
+        inter = confmat.diag()
+        return (inter / (confmat.sum(0) + confmat.sum(1) - inter)).float()
+
+    def _epoch_summary(self, stage: Literal["val", "test"]) -> None:
+        """Log ``<stage>/iou/<class>``; print the per-class table after validate/test and at the end of fit."""
+        if self.trainer.sanity_checking:
+            return
+        iou = self.class_iou(stage)
+        for name, value in zip(self.class_names, iou.tolist()):
+            if value == value:  # not NaN: the class occurred in the labels or the predictions
+                self.log(f"{stage}/iou/{name}", value, sync_dist=False)
+        per_class = ", ".join(f"{n} {v:.3f}" for n, v in zip(self.class_names, iou.tolist()) if v == v)
+        self._last_summary = f"[{stage}] epoch {self.current_epoch}: mIoU {float(iou.nanmean()):.4f} | per class: {per_class}"
+        if self.trainer.state.fn != "fit":
+            rank_zero_info(self._last_summary)
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_summary("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_summary("test")
+
+    def on_fit_end(self) -> None:
+        if getattr(self, "_last_summary", None):
+            rank_zero_info(self._last_summary)
+
+    # --- predict --------------------------------------------------------------------------------------------
+
+    def _read_data_info(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if getattr(dm, "class_names", None):
+            self.class_names = list(dm.class_names)
+        self.palette = getattr(dm, "palette", None)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        data_ignore = getattr(dm, "hparams", {}).get("ignore_index", self.hparams.ignore_index)
+        if data_ignore != self.hparams.ignore_index:
+            raise ValueError(
+                f"data.ignore_index={data_ignore} but model.ignore_index={self.hparams.ignore_index}: set both to the same value"
+            )
+
+    def on_fit_start(self) -> None:
+        self._read_data_info()
+
+    def on_validation_start(self) -> None:
+        self._read_data_info()
+
+    def on_test_start(self) -> None:
+        self._read_data_info()
+
+    def on_predict_start(self) -> None:
+        self._read_data_info()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Write one palette PNG label map per image at its original size (and an overlay if asked)."""
+        from datamodules.synthetic_scenes import save_label_map, voc_palette
+
+        logits = self.forward_stage(batch["input"], "test")
+        out_dir = Path(getattr(self, "predict_output_dir", "predictions"))
+        palette = self.palette or voc_palette()
+        rows = []
+        for i, (index, path, name, size) in enumerate(zip(batch["index"].tolist(), batch["path"], batch["name"], batch["size"].tolist())):
+            label = self.to_label_size(logits[i : i + 1].float(), size).argmax(1)[0].to(torch.uint8).cpu().numpy()
+            mask_path = out_dir / "masks" / f"{name}.png"
+            atomic_write(mask_path, lambda tmp, lab=label: save_label_map(Path(tmp), lab, palette))
+            row = {"index": index, "path": path, "mask": str(mask_path), "height": size[0], "width": size[1]}
+            if self.hparams.save_overlay:
+                row["overlay"] = str(self._write_overlay(out_dir / "overlays" / f"{name}.jpg", path, label, palette))
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def _write_overlay(target: Path, image_path: str, label: np.ndarray, palette: list[tuple[int, int, int]]) -> Path:
+        colours = np.asarray(palette, dtype=np.uint8)[np.minimum(label, len(palette) - 1)]
+        with Image.open(image_path) as img:
+            blend = Image.blend(img.convert("RGB"), Image.fromarray(colours), 0.5)
+        return atomic_write(target, lambda tmp: blend.save(tmp, format="JPEG", quality=90))
+
+
+def main(args: Any = None) -> None:
+    from datamodules.segmentation import SegmentationDataModule
+
+    run_cli(SegmentationModule, SegmentationDataModule, args=args)
+
+
+if __name__ == "__main__":
+    main()
