@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from .sampling import EpochShuffleSampler, ResumableDataLoader, SeededSamples, process_group
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,16 +63,25 @@ def make_loader(
     dataset: Dataset, *, batch_size: int, num_workers: int, shuffle: bool, drop_last: bool = False,
     collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=False,
-        collate_fn=collate_fn,
+    """The loader of one split, the same on one process or many.
+
+    Training (``shuffle=True``): a ``ResumableDataLoader`` whose order is a function of the run's seed and the
+    epoch, sharded over the processes, with each sample augmented from its own seed (see ``sampling.py``), so a
+    resumed run repeats an uninterrupted one exactly. Evaluation: in order, and under several processes each
+    rank gets a disjoint shard without the padding repeats of ``DistributedSampler``, so every sample is counted
+    once in the metrics and written once in the predictions.
+    """
+    rank, world = process_group()
+    options: dict[str, Any] = dict(
+        batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
+        persistent_workers=num_workers > 0, pin_memory=False, collate_fn=collate_fn,
     )
+    if shuffle:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything (LightningCLI's seed_everything)
+        sampler = EpochShuffleSampler(dataset, seed=seed, num_replicas=world, rank=rank)  # type: ignore[arg-type]
+        return ResumableDataLoader(SeededSamples(dataset, seed), sampler=sampler, **options)
+    unrepeated = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+    return DataLoader(dataset, sampler=unrepeated, **options)
 
 
 def format_list(items: Iterable[Any], limit: int = 10) -> str:

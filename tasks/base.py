@@ -13,16 +13,24 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 
 from backbones import Backbone, create_backbone
+from datamodules.sampling import ResumableDataLoader, derive_seed, seed_global_rngs
 
+from .checkpointing import AtomicCheckpointIO, LastCheckpoint, global_metric_states, restore_metric_states
+from .distributed import SyncBatchNormWhenDistributed
 from .predict import PredictionWriter
 
 Stage = Literal["train", "val", "test"]
 OptimizerName = Literal["adamw", "sgd", "adafactor"]
 ScheduleName = Literal["cosine", "linear", "poly", "step", "constant"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; raised before the optimizer step, so no bad weights are saved."""
 
 
 class TaskModule(L.LightningModule):
@@ -83,6 +91,9 @@ class TaskModule(L.LightningModule):
             self.backbone.requires_grad_(False)
         metrics = self.build_metrics()
         self.metrics = nn.ModuleDict({f"{s}_metrics": metrics.clone(prefix=f"{s}/") for s in ("train", "val", "test")})
+        # sample-weighted mean over all processes (a mean of per-process means is wrong when shards differ in size)
+        self.losses = nn.ModuleDict({f"{s}_loss": MeanMetric(nan_strategy="disable") for s in ("train", "val", "test")})
+        self._resumed_metric_states: dict[str, Any] | None = None
 
     # --- what a task supplies -------------------------------------------------------------------------
 
@@ -102,18 +113,41 @@ class TaskModule(L.LightningModule):
 
     def shared_step(self, batch: dict[str, Any], stage: Stage) -> torch.Tensor:
         batch = self.prepare_batch(batch, stage)
-        output = self.forward_stage(batch["input"], stage)
+        output = self.forward_stage(batch["input"], stage).float()
         target = batch["target"]
-        loss = self.compute_loss(output.float(), batch.get("loss_target", target))
-        metrics = self.metrics[f"{stage}_metrics"]
-        metrics.update(*self.metric_inputs(output.float(), target))
+        with torch.autocast(self.device.type, enabled=False):  # loss and metrics in fp32 under any precision
+            loss = self.compute_loss(output, batch.get("loss_target", target))
+            metrics = self.metrics[f"{stage}_metrics"]
+            metrics.update(*self.metric_inputs(output, target))
+        if stage == "train":
+            self.check_finite(loss)
         batch_size = target.shape[0]
-        self.log(
-            f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
-            batch_size=batch_size, sync_dist=stage != "train",
-        )
+        # one value per sample (MeanMetric's ``weight`` is ignored under nan_strategy="disable", torchmetrics 1.9)
+        per_sample = loss.detach().expand(batch_size)
+        mean_loss = self.losses[f"{stage}_loss"]
+        if stage == "train":
+            mean_loss(per_sample)  # forward: also this batch's value, for the step log
+        else:
+            mean_loss.update(per_sample)
+        self.log(f"{stage}/loss", mean_loss, on_step=stage == "train", on_epoch=True, prog_bar=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=batch_size)
         return loss
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop the run, before the optimizer step, when the loss of any process is NaN or infinite."""
+        trainer = self._trainer
+        finite = local = bool(torch.isfinite(loss).all())
+        if trainer is None:
+            return
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(local, all=True)
+        if not finite:
+            value = "non-finite on another process" if local else str(loss.item())
+            kept = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+            raise NonFiniteLossError(
+                f"training loss is {value} at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
+                f"rank {trainer.global_rank}); stopped before the optimizer step. Last good checkpoint: {kept}"
+            )
 
     def forward_stage(self, x: torch.Tensor, stage: Stage) -> torch.Tensor:
         """The forward pass used in ``stage``; tasks override it for sliding-window or multi-view testing."""
@@ -135,6 +169,43 @@ class TaskModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.shared_step(batch, "test")
+
+    # --- a run that resumes exactly ---------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed the global generators (dropout, drop path, mixup) from ``(seed, epoch, batch, rank)``: the random
+        state of a step depends on nothing before it, so a run resumed from a checkpoint draws what the
+        uninterrupted run drew."""
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if seed is not None:
+            seed_global_rngs(derive_seed(int(seed), self.current_epoch, batch_idx, self.global_rank), accelerators=True)
+
+    def on_train_start(self) -> None:
+        """After a restart mid-epoch, make the training loader skip the batches of the epoch already trained on
+        and put back the epoch's training accumulators (loss and metrics) saved with the checkpoint."""
+        loop = self.trainer.fit_loop
+        done = 0
+        if loop.restarted_mid_epoch:  # the batches the epoch loop will count as done (its own arithmetic)
+            done = loop.epoch_loop.batch_progress.current.completed + int(loop.epoch_loop.restarted_on_train_batch_end)
+        done = done if done < self.trainer.num_training_batches else 0  # a finished epoch is not resumed
+        loader = self.trainer.train_dataloader
+        if isinstance(loader, ResumableDataLoader):
+            loader.resume(self.trainer.current_epoch, done)
+        states, self._resumed_metric_states = self._resumed_metric_states, None
+        if done and states:
+            restore_metric_states(self._train_accumulators(), states, holder=self.global_rank == 0)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self.trainer
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if trainer.state.fn == "fit" and 0 < done < trainer.num_training_batches:
+            checkpoint["train_metric_states"] = global_metric_states(self._train_accumulators())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_metric_states = checkpoint.get("train_metric_states")
+
+    def _train_accumulators(self) -> dict[str, Any]:
+        return {"loss": self.losses["train_loss"], **dict(self.metrics["train_metrics"].items(keep_base=True))}
 
     # --- optimisation -------------------------------------------------------------------------------------
 
@@ -241,11 +312,36 @@ class MetricsPrinter(L.Callback):
 
 
 class TaskCLI(LightningCLI):
-    """LightningCLI with ``data.num_classes`` linked into the model and the optimizer owned by the module."""
+    """LightningCLI with ``data.num_classes`` linked into the model, the optimizer owned by the module, and the
+    trainer set up for long multi-process runs: ``last.ckpt`` kept up to date (``--checkpoint.*``), written
+    atomically, and ``--trainer.sync_batchnorm`` that only applies where several processes can share statistics."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_class_arguments(LastCheckpoint, "checkpoint", fail_untyped=False, sub_configs=True)
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = os.path.join(config.trainer.default_root_dir or os.getcwd(), "checkpoints")
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks, plugins = _as_list(trainer.get("callbacks")), _as_list(trainer.get("plugins"))
+        if trainer.get("enable_checkpointing") is not False:
+            kwargs["callbacks"] = [*callbacks, self._get(self.config_init, "checkpoint")]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        if trainer.get("sync_batchnorm"):
+            kwargs["sync_batchnorm"] = False
+            plugins.append(SyncBatchNormWhenDistributed())
+        kwargs["plugins"] = plugins
+        return super().instantiate_trainer(**kwargs)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
 def run_cli(
@@ -267,4 +363,3 @@ def run_cli(
         args=args,
         run=run,
     )
-

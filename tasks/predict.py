@@ -23,6 +23,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates the file private; give it the permissions of a plain open
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,117 @@
+"""Several processes give the numbers one process gives: DDP on CPU (gloo, two processes) against one process,
+the training order shared by the ranks, evaluation shards that count every sample once, predictions written once."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import datamodules.common as common
+from datamodules.common import make_loader
+from datamodules.sampling import EpochShuffleSampler, ResumableDataLoader
+from tasks.classification import ClassificationModule, main
+from tasks.distributed import SyncBatchNormWhenDistributed
+
+from cli_runs import TINY_VIT, last_value, read_metrics, run_task, write_shapes
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes(tmp_path_factory.mktemp("shapes"), train_per_class=8, val_per_class=5)  # 24 / 15 images
+
+
+def cli_args(root: Path, out: Path) -> list[str]:
+    return [
+        "--seed_everything=3", "--model.backbone=vit_tiny_patch16", TINY_VIT, f"--data.root={root}",
+        "--data.image_size=32", "--data.num_workers=0", "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={out}",
+        f"--trainer.default_root_dir={out}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def ddp_fit(shapes: Path, tmp_path_factory: pytest.TempPathFactory, synthetic_cache: str) -> Path:
+    """Two processes, batch 4 each; ``sync_batchnorm`` must not break CPU processes."""
+    out = tmp_path_factory.mktemp("ddp")
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.sync_batchnorm=true"]
+    run_task("classification", ["fit", *cli_args(shapes, out), "--trainer.max_epochs=2", "--data.batch_size=4", *ddp],
+             cache=synthetic_cache)
+    return out
+
+
+def test_ddp_training_matches_one_process_with_the_global_batch(ddp_fit: Path, shapes: Path, tmp_path: Path) -> None:
+    """Ranks split each global batch of the one-process run, so 2 x 4 trains like 1 x 8 (up to float order)."""
+    main(["fit", *cli_args(shapes, tmp_path), "--trainer.max_epochs=2", "--data.batch_size=8", "--trainer.devices=1"])
+    one, two = read_metrics(tmp_path), read_metrics(ddp_fit)
+    for key in ("train/loss_epoch", "val/loss"):
+        assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-5)
+    for key in ("train/top1", "val/top1"):
+        assert [r[key] for r in two if key in r] == [r[key] for r in one if key in r]
+
+
+def test_ddp_validation_counts_every_sample_once(ddp_fit: Path, shapes: Path, tmp_path: Path) -> None:
+    """The same weights validated by one process: equal to the last digit float addition order allows; with the
+    padded DistributedSampler the 15 images would be 16 and the loss a mean of per-rank means."""
+    main(["validate", *cli_args(shapes, tmp_path), "--data.batch_size=4", f"--ckpt_path={ddp_fit / 'checkpoints' / 'last.ckpt'}"])
+    one, two = read_metrics(tmp_path), read_metrics(ddp_fit)
+    assert last_value(two, "val/loss") == pytest.approx(last_value(one, "val/loss"), rel=1e-6, abs=0)
+    top1 = last_value(two, "val/top1")
+    assert top1 == last_value(one, "val/top1") and round(top1 * 15) == pytest.approx(top1 * 15, abs=1e-5)
+
+
+def test_ddp_predict_writes_each_output_once(ddp_fit: Path, shapes: Path, tmp_path: Path, synthetic_cache: str) -> None:
+    out = tmp_path / "preds"
+    run_task("classification", [
+        "predict", *cli_args(shapes, tmp_path), "--data.batch_size=4", "--trainer.devices=2", "--trainer.strategy=ddp",
+        f"--ckpt_path={ddp_fit / 'checkpoints' / 'last.ckpt'}", f"--predictions.output_dir={out}",
+    ], cache=synthetic_cache)
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in (shapes / "val").rglob("*.png"))
+    assert [p.name for p in out.iterdir()] == ["predictions.csv"]  # the per-rank parts are merged and removed
+
+
+def test_ranks_split_the_one_process_batches() -> None:
+    data = range(48)
+    one = list(EpochShuffleSampler(data, seed=5))
+    ranks = [list(EpochShuffleSampler(data, seed=5, num_replicas=3, rank=r)) for r in range(3)]
+    for b in range(4):  # global batch b of 12 = batch b of 4 on each of 3 ranks
+        assert sorted(i for r in ranks for i in r[b * 4 : (b + 1) * 4]) == sorted(one[b * 12 : (b + 1) * 12])
+    sampler = EpochShuffleSampler(data, seed=5)
+    sampler.set_epoch(1)
+    assert [e for e, _ in sampler] == [1] * 48 and [i for _, i in sampler] != [i for _, i in one]
+
+
+def test_resumed_loader_starts_after_the_trained_batches() -> None:
+    dataset = [{"input": torch.tensor(float(i)), "index": i} for i in range(20)]
+    loader = make_loader(dataset, batch_size=4, num_workers=0, shuffle=True)
+    assert isinstance(loader, ResumableDataLoader)
+    loader.sampler.set_epoch(2)
+    full = [b["index"].tolist() for b in loader]
+    loader.resume(epoch=2, batches=3)
+    assert [b["index"].tolist() for b in loader] == full[3:]
+    assert [b["index"].tolist() for b in loader] == full  # once only
+
+
+def test_evaluation_shards_are_disjoint_and_unpadded(monkeypatch: pytest.MonkeyPatch) -> None:
+    shards = []
+    for rank in range(4):
+        monkeypatch.setattr(common, "process_group", lambda rank=rank: (rank, 4))
+        shards.append([i for b in make_loader(list(range(13)), batch_size=2, num_workers=0, shuffle=False) for i in b.tolist()])
+    assert sorted(i for s in shards for i in s) == list(range(13))
+
+
+def test_sync_batchnorm_only_where_processes_can_share_statistics() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    assert isinstance(SyncBatchNormWhenDistributed().apply(model)[1], nn.BatchNorm2d)  # one process
+    from tasks.base import run_cli
+    from datamodules.classification import ClassificationDataModule
+
+    args = ["--model.backbone=vit_tiny_patch16", TINY_VIT, "--trainer.sync_batchnorm=true", "--trainer.strategy=ddp",
+            "--trainer.devices=1", "--trainer.accelerator=cpu", "--trainer.logger=false"]
+    cli = run_cli(ClassificationModule, ClassificationDataModule, args=args, run=False)
+    assert isinstance(cli.trainer.strategy._layer_sync, SyncBatchNormWhenDistributed)

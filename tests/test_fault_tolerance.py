@@ -1,0 +1,94 @@
+"""A run killed with SIGKILL resumes to the weights and metrics of an uninterrupted run; ``last.ckpt`` is never
+left half-written; a NaN loss stops the run and keeps the last good checkpoint."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.classification import ClassificationDataModule
+from tasks.base import NonFiniteLossError, run_cli
+from tasks.checkpointing import AtomicCheckpointIO, LastCheckpoint
+from tasks.classification import ClassificationModule, main
+
+from cli_runs import TINY_VIT, finish, read_metrics, run_task, write_shapes
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes(tmp_path_factory.mktemp("shapes"), train_per_class=8, val_per_class=5)  # 3 steps of 8 per epoch
+
+
+def fit_args(root: Path, out: Path) -> list[str]:
+    return [
+        "fit", "--seed_everything=3", "--model.backbone=vit_tiny_patch16",
+        TINY_VIT.replace("}", ", drop_path_rate: 0.1}"),  # random state in the model too
+        f"--data.root={root}", "--data.image_size=32", "--data.batch_size=8", "--data.num_workers=0",
+        "--trainer.max_epochs=3", "--trainer.deterministic=true", "--trainer.accelerator=cpu", "--trainer.devices=1",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={out}",
+        f"--trainer.default_root_dir={out}", "--checkpoint.every_n_train_steps=2",
+    ]
+
+
+def test_killed_run_resumes_to_the_same_weights_and_metrics(shapes: Path, tmp_path: Path, synthetic_cache: str) -> None:
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    kill = ["--trainer.callbacks+=tests.fault_injection.KillAtStep", "--trainer.callbacks.step=5"]
+    uninterrupted = run_task("classification", fit_args(shapes, full), cache=synthetic_cache, wait=False)
+    finish(run_task("classification", [*fit_args(shapes, broken), *kill], cache=synthetic_cache, wait=False), expect_rc=-9)
+    saved = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (saved["global_step"], saved["epoch"]) == (4, 1)  # mid-epoch: 1 of the epoch's 3 batches done
+    run_task("classification", [*fit_args(shapes, broken), "--ckpt_path=last"], cache=synthetic_cache)
+    finish(uninterrupted)
+
+    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 9
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    resumed = read_metrics(broken)  # epochs 1 and 2, including the training metrics of the interrupted epoch
+    assert resumed == read_metrics(full)[-len(resumed):] and len(resumed) == 4
+
+
+def test_last_checkpoint_is_replaced_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io, path = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+    real_save = torch.save
+
+    def killed_mid_write(obj: object, f: object) -> None:
+        real_save(obj, f)
+        f.truncate(100)  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
+    assert io.load_checkpoint(path)["step"] == 1 and os.listdir(path.parent) == ["last.ckpt"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(shapes: Path, tmp_path: Path) -> None:
+    nan = ["--trainer.callbacks+=tests.fault_injection.NanInputAtStep", "--trainer.callbacks.step=3",
+           "--trainer.deterministic=false"]
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at global step 3 \(epoch 1, rank 0\).*last\.ckpt"):
+        main([*fit_args(shapes, tmp_path), *nan])
+    kept = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert kept["global_step"] == 3 and all(v.isfinite().all() for v in kept["state_dict"].values())
+
+
+def test_cli_keeps_last_checkpoint_where_ckpt_path_last_finds_it(tmp_path: Path) -> None:
+    args = ["--model.backbone=vit_tiny_patch16", TINY_VIT, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"]
+    cli = run_cli(ClassificationModule, ClassificationDataModule, args=args, run=False)
+    (last,) = [c for c in cli.trainer.callbacks if isinstance(c, LastCheckpoint)]
+    assert last.dirpath == str(tmp_path / "checkpoints") and isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    cli = run_cli(ClassificationModule, ClassificationDataModule, args=[*args, "--trainer.enable_checkpointing=false"], run=False)
+    assert not any(isinstance(c, LastCheckpoint) for c in cli.trainer.callbacks)

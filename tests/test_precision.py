@@ -1,0 +1,53 @@
+"""Mixed precision: every task trains under ``bf16-mixed`` on CPU (``16-mixed`` needs a GPU), with its loss and
+metrics computed in fp32."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.classification import ClassificationModule
+
+TINY_VIT = {"img_size": 32, "depth": 1, "embed_dim": 48, "num_heads": 2}
+
+# per task: a small, fast variant of its default recipe
+TASK_RUNS = {
+    "classification": [
+        "--config=configs/vit_small_patch16.yaml", "--model.backbone=vit_tiny_patch16",
+        "--model.backbone_kwargs={img_size: 32, depth: 1, embed_dim: 48, num_heads: 2}", "--data.image_size=32",
+        "--data.synthetic_train_per_class=8", "--data.batch_size=4",
+    ],
+}
+
+
+@pytest.mark.parametrize("task", sorted(TASK_RUNS))
+def test_bf16_mixed_fast_dev_run(task: str, tmp_path: Path) -> None:
+    module = importlib.import_module(f"tasks.{task}")
+    module.main([
+        "fit", *TASK_RUNS[task], "--trainer.precision=bf16-mixed", "--trainer.fast_dev_run=2",
+        "--trainer.accelerator=cpu", "--trainer.devices=1", "--data.num_workers=0", f"--trainer.default_root_dir={tmp_path}",
+    ])
+
+
+def test_loss_and_metrics_run_in_fp32_under_autocast() -> None:
+    module = ClassificationModule(backbone="vit_tiny_patch16", backbone_kwargs=TINY_VIT, num_classes=3)
+    seen: dict[str, object] = {}
+    compute_loss, update = module.compute_loss, module.metrics["val_metrics"].update
+
+    def loss_spy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        seen["loss"] = (output.dtype, torch.is_autocast_enabled("cpu"))
+        return compute_loss(output, target)
+
+    def metric_spy(output: torch.Tensor, target: torch.Tensor) -> None:
+        seen["metrics"] = (output.dtype, torch.is_autocast_enabled("cpu"))
+        update(output, target)
+
+    module.compute_loss, module.metrics["val_metrics"].update = loss_spy, metric_spy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
+        loss = module.shared_step({"input": torch.randn(2, 3, 32, 32), "target": torch.tensor([0, 2])}, "val")
+    assert loss.dtype == torch.float32
+    assert seen == {"loss": (torch.float32, False), "metrics": (torch.float32, False)}
