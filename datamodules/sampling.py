@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 SampleKey = tuple[int, int]  # (epoch, dataset index)
 
@@ -91,9 +91,10 @@ class EpochShuffleSampler(DistributedSampler):
 
 class SeededSamples(Dataset):
     """A training set whose sample ``index`` in epoch ``e`` is drawn with every generator seeded from
-    ``(seed, e, index)``: python's, numpy's and torch's global ones (restored afterwards) and the dataset's own
-    ``transform`` (albumentations ``set_random_seed``, MONAI ``set_random_state``). Keys are ``(epoch, index)``
-    pairs from ``EpochShuffleSampler``; a plain index counts as epoch 0. Other attributes are the dataset's.
+    ``(seed, e, index)``: the dataset's own ``transform`` (albumentations, MONAI) and python's, numpy's and
+    torch's global ones (put back afterwards in the training process itself, where the model draws from them).
+    Keys are ``(epoch, index)`` pairs from ``EpochShuffleSampler``; a plain index counts as epoch 0. Other
+    attributes are the dataset's.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -110,12 +111,15 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: SampleKey | int) -> Any:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         seed = derive_seed(self.seed, epoch, index)
+        transform = getattr(self.dataset, "transform", None)
+        if hasattr(transform, "set_random_seed"):  # albumentations: one generator pair shared by its transforms
+            transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        elif hasattr(transform, "set_random_state"):  # MONAI
+            transform.set_random_state(seed=seed)
+        if get_worker_info() is not None:  # a loader worker: nothing else draws from its generators
+            seed_global_rngs(seed)
+            return self.dataset[index]
         with isolated_global_rngs(seed):
-            transform = getattr(self.dataset, "transform", None)
-            if hasattr(transform, "set_random_seed"):  # albumentations
-                transform.set_random_seed(seed)
-            elif hasattr(transform, "set_random_state"):  # MONAI
-                transform.set_random_state(seed=seed)
             return self.dataset[index]
 
 

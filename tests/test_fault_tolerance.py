@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from datamodules.classification import ClassificationDataModule
+from datamodules.sampling import SeededSamples
 from tasks.base import NonFiniteLossError, run_cli
 from tasks.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from tasks.classification import ClassificationModule, main
@@ -51,6 +52,16 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(shapes: Path, tmp_pa
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     resumed = read_metrics(broken)  # epochs 1 and 2, including the training metrics of the interrupted epoch
     assert resumed == read_metrics(full)[-len(resumed):] and len(resumed) == 4
+
+
+def test_each_sample_is_augmented_from_its_own_seed(shapes: Path) -> None:
+    dm = ClassificationDataModule(str(shapes), image_size=32, num_workers=0)
+    dm.setup("fit")
+    samples = SeededSamples(dm.datasets["train"], seed=3)
+    state = torch.get_rng_state()
+    first, again, later = (samples[key]["input"] for key in ((1, 5), (1, 5), (2, 5)))
+    assert torch.equal(first, again) and not torch.equal(first, later)
+    assert torch.equal(torch.get_rng_state(), state)  # the training process's own random stream is untouched
 
 
 def test_last_checkpoint_is_replaced_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
