@@ -45,7 +45,7 @@ def ensure_written(name: str, write: Callable[[Path], None]) -> Path:
     return target
 
 
-def textured_background(rng: np.random.Generator, size: int) -> np.ndarray:
+def textured_background(rng: np.random.Generator, size: int, stripes: float = 20.0, noise: float = 12.0) -> np.ndarray:
     """An RGB ``[size, size, 3]`` uint8 background: two-colour gradient, stripes and noise."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     angle = rng.uniform(0, math.pi)
@@ -53,8 +53,8 @@ def textured_background(rng: np.random.Generator, size: int) -> np.ndarray:
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     img = c0 + (c1 - c0) * ramp[..., None]
     freq = rng.uniform(4, 12)
-    img += 20 * np.sin(2 * math.pi * freq * (xx * math.cos(angle * 2) + yy * math.sin(angle * 2)))[..., None]
-    img += rng.normal(0, 12, img.shape)
+    img += stripes * np.sin(2 * math.pi * freq * (xx * math.cos(angle * 2) + yy * math.sin(angle * 2)))[..., None]
+    img += rng.normal(0, noise, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -81,15 +81,17 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: fl
 
 
 def shape_image(rng: np.random.Generator, kind: str, size: int) -> Image.Image:
-    """One image whose class is the shape drawn on it; colour, size, place and angle are random."""
-    background = textured_background(rng, size)
+    """One image whose class is the kind of shape scattered over it; count, colours, sizes, places and
+    angles are random, so only the outline tells the classes apart (and every patch carries evidence)."""
+    background = textured_background(rng, size, stripes=8.0, noise=8.0)
     img = Image.fromarray(background)
     draw = ImageDraw.Draw(img)
-    r = rng.uniform(0.22, 0.36) * size
-    cx, cy = rng.uniform(r, size - r, 2)
-    # random hue, but always far from the background so the outline is visible
-    colour = tuple(int(v) for v in np.clip(255 - background.mean((0, 1)) + rng.normal(0, 40, 3), 0, 255))
-    draw_shape(draw, kind, cx, cy, r, rng.uniform(0, 2 * math.pi), colour)
+    for _ in range(int(rng.integers(3, 7))):
+        r = rng.uniform(0.09, 0.16) * size
+        cx, cy = rng.uniform(r, size - r, 2)
+        # a random colour, but always far from the background so the outline is visible
+        colour = tuple(int(v) for v in np.clip(255 - background.mean((0, 1)) + rng.normal(0, 40, 3), 0, 255))
+        draw_shape(draw, kind, cx, cy, r, rng.uniform(0, 2 * math.pi), colour)
     return img
 
 
@@ -108,7 +110,7 @@ def write_shape_folder(
 
 def synthetic_shapes(size: int = 64, train_per_class: int = 400, val_per_class: int = 100, seed: int = 0) -> Path:
     """The default classification data set, written on first use."""
-    name = f"shapes-v2-s{size}-n{train_per_class}-{val_per_class}-seed{seed}"
+    name = f"shapes-v4-s{size}-n{train_per_class}-{val_per_class}-seed{seed}"
     return ensure_written(
         name,
         lambda tmp: write_shape_folder(

@@ -22,7 +22,7 @@ def tiny_case(name: str) -> tuple[dict, tuple[int, ...]]:
     if name.startswith("vit_"):
         return {"img_size": 64, "depth": 2, "out_indices": (0, 1)}, (2, 3, 64, 64)
     if name.startswith("mit_"):
-        return {}, (2, 3, 64, 64)
+        return {"depths": (1, 1, 1, 1)}, (2, 3, 64, 64)
     if name.startswith("timesformer_"):
         return {"img_size": 32, "num_frames": 4, "depth": 2}, (2, 3, 4, 32, 32)
     if name.startswith("unetr_"):
