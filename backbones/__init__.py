@@ -71,6 +71,7 @@ def build_preset(cls: type[Backbone], defaults: dict[str, Any], overrides: dict[
 
 
 from . import vit  # noqa: E402,F401  (registers the presets)
+from . import unetr  # noqa: E402,F401  (UNETR encoder preset, MONAI checkpoint format)
 from . import mix_transformer  # noqa: E402,F401
 
 __all__ = ["Backbone", "FeatureInfo", "build_preset", "create_backbone", "list_backbones", "register"]

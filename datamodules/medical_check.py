@@ -1,0 +1,85 @@
+"""Up-front check of a 3-D segmentation data set, so a bad file fails at setup with its name, not mid-epoch.
+
+NIfTI headers give shapes and affines without reading the voxels; only label volumes are read in full,
+to check their values. Files in other formats (``.nrrd``, ``.mha``) are only checked for existence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from .common import DataError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+def is_nifti(path: str | Path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _header(path: str) -> tuple[tuple[int, ...], np.ndarray]:
+    img = nib.load(path)  # lazy: reads the header only
+    return tuple(int(s) for s in img.shape), np.asarray(img.affine)
+
+
+def check_entry(entry: dict[str, Any], num_classes: int, in_channels: int) -> list[str]:
+    """Problems with one ``{"image", "label"?}`` entry, each naming its file; empty when it is fine."""
+    image, label = entry["image"], entry.get("label")
+    problems = [f"{p}: file not found (listed in dataset.json)" for p in (image, label) if p and not Path(p).is_file()]
+    if problems or not is_nifti(image):
+        return problems
+    try:
+        shape, affine = _header(image)
+    except Exception as err:  # nibabel raises several types for corrupt headers
+        return [f"{image}: unreadable NIfTI header: {type(err).__name__}: {err}"]
+    channels = shape[3] if len(shape) == 4 else 1
+    if len(shape) not in (3, 4) or len(shape) == 4 and channels != in_channels:
+        problems.append(
+            f"{image}: shape {shape} does not fit {in_channels}-channel volumes "
+            f"(expected [X, Y, Z]{' or [X, Y, Z, 1]' if in_channels == 1 else f' x {in_channels}'})"
+        )
+    elif len(shape) == 3 and in_channels != 1:
+        problems.append(f"{image}: a single-channel volume where dataset.json declares {in_channels} modalities")
+    if not label or not is_nifti(label):
+        return problems
+    try:
+        lbl = nib.load(label)
+        label_shape, label_affine = tuple(int(s) for s in lbl.shape), np.asarray(lbl.affine)
+    except Exception as err:
+        return [*problems, f"{label}: unreadable NIfTI header: {type(err).__name__}: {err}"]
+    if label_shape[:3] != shape[:3] or len(label_shape) > 3 and label_shape[3:] != (1,):
+        problems.append(f"{label}: label shape {label_shape} differs from its image's {shape[:3]} ({image})")
+    elif not np.allclose(label_affine, affine, atol=AFFINE_TOLERANCE_MM):
+        problems.append(
+            f"{label}: affine differs from its image's ({image}); max difference "
+            f"{np.abs(label_affine - affine).max():.4g} mm"
+        )
+    try:
+        values = np.asanyarray(lbl.dataobj)
+    except Exception as err:
+        return [*problems, f"{label}: unreadable voxel data: {type(err).__name__}: {err}"]
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > num_classes - 1:
+        problems.append(
+            f"{label}: label values span {low:g}..{high:g} but dataset.json declares {num_classes} classes "
+            f"(0..{num_classes - 1})"
+        )
+    elif values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
+        problems.append(f"{label}: non-integer label values (a resampled or probability map?)")
+    return problems
+
+
+def check_volumes(entries: Sequence[dict[str, Any]], *, num_classes: int, in_channels: int, workers: int = 4) -> None:
+    """Check every entry (in threads) and raise one DataError listing all problems, one per line."""
+    with ThreadPoolExecutor(workers) as pool:
+        found = [p for problems in pool.map(lambda e: check_entry(e, num_classes, in_channels), entries) for p in problems]
+    if found:
+        shown = "\n  ".join(found[:30]) + (f"\n  ... and {len(found) - 30} more" if len(found) > 30 else "")
+        raise DataError(f"{len(found)} problem(s) in the data set:\n  {shown}")

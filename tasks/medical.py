@@ -1,0 +1,292 @@
+"""3-D medical segmentation: UNETR's decoder over the shared ViT, and ``MedicalSegmentationModule``.
+
+``python -m tasks.medical fit --config configs/unetr.yaml`` (small, CPU) or ``configs/unetr_btcv.yaml``.
+Training sees random ROI crops; validation and testing run sliding-window inference over whole volumes
+and score per-class Dice and HD95 (``medical_metrics.py``); ``predict`` writes one NIfTI label volume per
+input, in the input file's own grid, orientation and affine.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from monai.transforms import SpatialResample
+from torch import nn
+from torchmetrics import MetricCollection
+
+from backbones.base import FeatureInfo
+
+from .base import Stage, TaskCLI, TaskModule, run_cli
+from .medical_metrics import VolumeMetric, volume_metrics
+from .predict import atomic_write
+
+NormName = Literal["instance", "batch"]
+
+
+class UnetrDecoder(nn.Module):
+    """UNETR's convolutional decoder (Hatamizadeh et al., 2022), built from MONAI's blocks.
+
+    The backbone returns ``L`` maps at the patch stride ``2**L`` (UNETR-Base: 4 maps at 16). The deepest
+    is upsampled ``L`` times back to the input; at level ``j`` (stride ``2**j``) it is joined with the
+    ``j``-th shallower map, brought there by ``L - j`` transposed convolutions, and at full resolution with
+    a convolution of the input itself. Level ``j`` has ``feature_size * 2**j`` channels.
+
+    Args:
+        feature_info: the backbone's outputs, shallow to deep, all with the same isotropic stride ``2**L``
+            where ``L`` is their number.
+        in_chans: channels of the input volume (read by the full-resolution block).
+        num_classes: output channels (logits).
+        feature_size: channels at full resolution.
+        norm_name: normalisation in the conv blocks (MONAI names; UNETR uses ``instance``).
+        res_block: residual conv blocks.
+        conv_block: conv blocks after the transposed convolutions of the skip projections.
+        spatial_dims: 3 for volumes (2 for image ViTs).
+    """
+
+    def __init__(
+        self,
+        feature_info: Sequence[FeatureInfo],
+        *,
+        in_chans: int,
+        num_classes: int,
+        feature_size: int = 16,
+        norm_name: NormName = "instance",
+        res_block: bool = True,
+        conv_block: bool = True,
+        spatial_dims: int = 3,
+    ) -> None:
+        super().__init__()
+        levels = len(feature_info)
+        strides = {tuple(f.stride) for f in feature_info}
+        if len(strides) != 1 or len(set(next(iter(strides)))) != 1 or next(iter(strides))[0] != 2**levels:
+            raise ValueError(
+                f"UnetrDecoder needs {levels} feature maps at one isotropic stride 2**{levels} = {2**levels} "
+                f"(the patch size), got strides {[f.stride for f in feature_info]}; set the backbone's "
+                "out_indices to log2(patch size) blocks"
+            )
+        width = [feature_size * 2**j for j in range(levels)]  # channels per level, full resolution first
+        common = dict(spatial_dims=spatial_dims, kernel_size=3, norm_name=norm_name, res_block=res_block)
+        self.input_block = UnetrBasicBlock(in_channels=in_chans, out_channels=width[0], stride=1, **common)
+        self.skip_blocks = nn.ModuleList(
+            UnetrPrUpBlock(
+                in_channels=feature_info[j - 1].channels, out_channels=width[j], num_layer=levels - j - 1,
+                stride=1, upsample_kernel_size=2, conv_block=conv_block, **common,
+            )
+            for j in range(1, levels)
+        )
+        ins = [feature_info[-1].channels, *width[:0:-1]]  # deepest map, then levels L-1 .. 1
+        self.up_blocks = nn.ModuleList(
+            UnetrUpBlock(in_channels=c_in, out_channels=c_out, upsample_kernel_size=2, **common)
+            for c_in, c_out in zip(ins, width[::-1])
+        )
+        self.out = UnetOutBlock(spatial_dims=spatial_dims, in_channels=width[0], out_channels=num_classes)
+        instance_norm_as_group_norm(self)
+
+    def forward(self, features: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes, *x.shape[2:]]`` from the backbone's maps and the input ``x``."""
+        skips = [self.input_block(x), *(block(f) for block, f in zip(self.skip_blocks, features[:-1]))]
+        y = features[-1]
+        for block, skip in zip(self.up_blocks, reversed(skips)):  # deepest level first
+            y = block(y, skip)
+        return self.out(y)
+
+
+def instance_norm_as_group_norm(module: nn.Module) -> nn.Module:
+    """Swap every InstanceNorm (without running statistics) for the same function as a GroupNorm with one
+    group per channel: same parameters and names, but a CPU kernel that reads channels-last tensors in
+    place, where InstanceNorm copies them to contiguous layout and back."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
+            norm = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
+            if child.affine:
+                norm.load_state_dict(child.state_dict())
+            setattr(module, name, norm)
+        else:
+            instance_norm_as_group_norm(child)
+    return module
+
+
+class MedicalSegmentationModule(TaskModule):
+    """UNETR-style volumetric segmentation: ViT backbone, ``UnetrDecoder``, DiceCE loss, sliding-window
+    evaluation with per-class Dice/HD95, NIfTI predictions.
+
+    Args:
+        in_channels: input channels (linked from the data: 1 for CT, one per MRI sequence); sets the
+            backbone's ``in_chans``. ``None`` keeps ``backbone_kwargs``.
+        feature_size, norm_name, res_block, conv_block: the decoder (see ``UnetrDecoder``).
+        lambda_dice, lambda_ce: weights of the Dice and cross-entropy terms of MONAI's ``DiceCELoss``.
+        batch_dice: Dice over the whole batch rather than per crop (nnU-Net's choice), which helps small
+            structures that many crops do not contain.
+        sw_roi_size: sliding-window size (linked from ``data.roi_size`` by the CLI); ``None`` uses the
+            backbone's ``img_size``.
+        sw_batch_size: windows per forward pass.
+        sw_overlap: overlap of neighbouring windows (fraction of the ROI).
+        sw_mode: ``gaussian`` weights window centres over their borders when stitching; ``constant`` averages.
+        sw_stitch_on_cpu: stitch the whole-volume logits in CPU memory while windows run on the model's
+            device (large volumes on a small GPU).
+        hd_percentile: percentile of the Hausdorff distance (95: HD95).
+        channels_last: run the decoder's convolutions in channels-last memory layout (faster on CPU).
+        **kwargs: backbone, data link and optimisation recipe of ``TaskModule``.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int | None = None,
+        feature_size: int = 16,
+        norm_name: NormName = "instance",
+        res_block: bool = True,
+        conv_block: bool = True,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        batch_dice: bool = False,
+        sw_roi_size: tuple[int, int, int] | None = None,
+        sw_batch_size: int = 4,
+        sw_overlap: float = 0.5,
+        sw_mode: Literal["gaussian", "constant"] = "gaussian",
+        sw_stitch_on_cpu: bool = False,
+        hd_percentile: float = 95.0,
+        channels_last: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if in_channels is not None:
+            kwargs["backbone_kwargs"] = {**(kwargs.get("backbone_kwargs") or {}), "in_chans": in_channels}
+        self.decoder_args = dict(feature_size=feature_size, norm_name=norm_name, res_block=res_block, conv_block=conv_block)
+        self.hd_percentile = hd_percentile
+        super().__init__(**kwargs)
+        self.loss = DiceCELoss(
+            to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce, batch=batch_dice
+        )
+        # HD95 on every training crop would cost more than the step; training logs Dice only.
+        self.metrics["train_metrics"] = MetricCollection(
+            {"dice": VolumeMetric(self.num_classes, with_hd=False)}, prefix="train/"
+        )
+        roi = sw_roi_size or getattr(self.backbone, "img_size", None)
+        if roi is None:
+            raise ValueError(f"set sw_roi_size: backbone {type(self.backbone).__name__} declares no img_size")
+        self.roi_size = tuple(int(s) for s in roi)
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        self.head.to(memory_format=self.memory_format)
+        self._spacing: torch.Tensor | None = None
+        self.class_names: list[str] | None = None
+
+    def build_head(self) -> nn.Module:
+        return UnetrDecoder(
+            self.backbone.feature_info, in_chans=self.backbone.in_chans, num_classes=self.num_classes,
+            spatial_dims=self.backbone.spatial_dims, **self.decoder_args,
+        )
+
+    def build_metrics(self) -> MetricCollection:
+        return volume_metrics(self.num_classes, percentile=self.hd_percentile)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [f.contiguous(memory_format=self.memory_format) for f in self.backbone(x)]
+        return self.head(features, x.contiguous(memory_format=self.memory_format)).contiguous()
+
+    # --- the shared step's hooks ---------------------------------------------------------------------------
+
+    def prepare_batch(self, batch: dict[str, Any], stage: Stage) -> dict[str, Any]:
+        self._spacing = batch.get("spacing")  # voxel size for HD95 in mm
+        return batch
+
+    def forward_stage(self, x: torch.Tensor, stage: Stage) -> torch.Tensor:
+        return self(x) if stage == "train" else self.sliding_window(x)
+
+    def compute_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(output, target.to(output.device))
+
+    def metric_inputs(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return output.argmax(1), target.to(output.device), self._spacing
+
+    def sliding_window(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a whole volume ``[B, C, D, H, W]`` from overlapping ROI windows (MONAI), stitched on
+        the model's device or, with ``sw_stitch_on_cpu``, in CPU memory."""
+        hp = self.hparams
+        return sliding_window_inference(
+            x, roi_size=self.roi_size, sw_batch_size=hp.sw_batch_size, predictor=self, overlap=hp.sw_overlap,
+            mode=hp.sw_mode, sw_device=x.device, device=torch.device("cpu") if hp.sw_stitch_on_cpu else x.device,
+        )
+
+    # --- predict -------------------------------------------------------------------------------------------
+
+    def on_predict_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        self.class_names = list(getattr(dm, "class_names", None) or []) or None
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        labels = self.sliding_window(batch["input"]).argmax(1, keepdim=True).cpu()  # [B, 1, D, H, W]
+        out_dir = Path(getattr(self, "predict_output_dir", "predictions"))
+        rows = []
+        for i, index in enumerate(batch["index"].tolist()):
+            source = Path(batch["path"][i])
+            original = label_in_original_space(
+                labels[i], batch["affine"][i].cpu(), batch["original_affine"][i].cpu(), batch["original_shape"][i].tolist()
+            )
+            path = out_dir / source.name
+            write_nifti_labels(path, original, batch["original_affine"][i].cpu().numpy(), like=source)
+            present = np.unique(original)
+            names = self.class_names or [str(c) for c in range(self.num_classes)]
+            rows.append({
+                "index": index, "path": str(source), "prediction": str(path),
+                "classes_found": " ".join(names[c] for c in present if c > 0),
+            })
+        return rows
+
+
+def label_in_original_space(
+    labels: torch.Tensor, affine: torch.Tensor, original_affine: torch.Tensor, original_shape: Sequence[int]
+) -> np.ndarray:
+    """Resample a label volume ``[1, D, H, W]`` on the preprocessed grid (``affine``) back onto the file's
+    own grid (nearest neighbour), undoing reorientation, resampling and any crop: ``[X, Y, Z]`` uint8."""
+    resample = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)
+    from monai.data import MetaTensor
+
+    moved = resample(MetaTensor(labels.float(), affine=affine), dst_affine=original_affine, spatial_size=original_shape)
+    return np.asarray(moved[0].round().clamp(0, 255).byte().cpu())
+
+
+def write_nifti_labels(path: Path, labels: np.ndarray, affine: np.ndarray, *, like: Path | None = None) -> Path:
+    """Write ``labels`` as ``.nii.gz`` atomically, with ``affine`` and, when ``like`` is a NIfTI file, its
+    header's qform/sform codes and units, so the mask overlays that scan in any viewer."""
+    header = None
+    if like is not None and str(like).lower().endswith((".nii", ".nii.gz")) and like.is_file():
+        header = nib.load(str(like)).header.copy()
+    img = nib.Nifti1Image(labels.astype(np.uint8), affine, header=header)
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1.0, 0.0)
+    if header is not None:
+        img.set_qform(affine, code=int(header["qform_code"]) or 1)
+        img.set_sform(affine, code=int(header["sform_code"]) or 1)
+    data = gzip.compress(img.to_bytes(), compresslevel=1)
+    name = path.name if path.name.endswith(".nii.gz") else path.name.removesuffix(".nii") + ".nii.gz"
+    return atomic_write(path.with_name(name), lambda tmp: Path(tmp).write_bytes(data))
+
+
+class MedicalCLI(TaskCLI):
+    """The task CLI, with the data's input channels (1 for CT, one per MRI sequence) and its training crop
+    size (the sliding window's ROI) linked into the model."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
+        parser.link_arguments("data.roi_size", "model.sw_roi_size")
+
+
+def main(args: Any = None) -> None:
+    from datamodules.medical import MedicalDataModule
+
+    run_cli(MedicalSegmentationModule, MedicalDataModule, args=args, cli_class=MedicalCLI)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""UNETR: equality with MONAI's, parameter count, decoder shapes, and checkpoints from MONAI and timm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backbones import create_backbone
+from backbones.unetr import conv_to_perceptron, perceptron_to_conv
+from tasks.medical import MedicalSegmentationModule, UnetrDecoder
+
+TINY_VIT = dict(img_size=32, embed_dim=48, depth=4, num_heads=2, out_indices=[0, 1, 2, 3])
+MONAI_UNETR_BASE_PARAMS = 92_802_478  # monai 1.6.1, incl. 12 unused cross-attention LayerNorms (18,432)
+UNETR_BASE_PARAMS = 92_784_046
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a machine whose cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_module(**kwargs) -> MedicalSegmentationModule:
+    args = dict(backbone="unetr_vit_base", backbone_kwargs=TINY_VIT, num_classes=3, feature_size=4)
+    return MedicalSegmentationModule(**{**args, **kwargs})
+
+
+def test_monai_unetr_base_checkpoint_gives_the_same_logits(tmp_path):
+    from monai.networks.nets import UNETR
+
+    torch.manual_seed(0)
+    ref = UNETR(
+        in_channels=1, out_channels=14, img_size=(96, 96, 96), feature_size=16, hidden_size=768, mlp_dim=3072,
+        num_heads=12, proj_type="perceptron", norm_name="instance", res_block=True,
+    ).eval()
+    torch.save(ref.state_dict(), tmp_path / "unetr.pt")
+    ours = MedicalSegmentationModule(backbone="unetr_vit_base", num_classes=14, pretrained=str(tmp_path / "unetr.pt")).eval()
+    assert ours.load_report.format == "monai-unetr"
+    assert not ours.load_report.missing and not ours.load_report.unexpected
+
+    n_ref = sum(p.numel() for p in ref.parameters())
+    unused = sum(p.numel() for n, p in ref.named_parameters() if "norm_cross_attn" in n)
+    assert n_ref == MONAI_UNETR_BASE_PARAMS
+    assert sum(p.numel() for p in ours.parameters()) == n_ref - unused == UNETR_BASE_PARAMS
+
+    x = torch.randn(1, 1, 96, 96, 96)
+    with torch.no_grad():
+        diff = (ref(x) - ours(x)).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_perceptron_patch_embedding_is_our_conv_kernel():
+    from einops import rearrange
+
+    weight = torch.randn(8, 2, 4, 4, 4)
+    assert torch.equal(perceptron_to_conv(conv_to_perceptron(weight), in_chans=2), weight)
+    assert perceptron_to_conv(conv_to_perceptron(weight)).shape == (8, 2, 4, 4, 4)  # 128 = 4³ x 2
+    x = torch.randn(1, 2, 8, 8, 8)
+    patches = rearrange(x, "b c (h p1) (w p2) (d p3) -> b (h w d) (p1 p2 p3 c)", p1=4, p2=4, p3=4)
+    conv = torch.nn.functional.conv3d(x, weight, stride=4).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(patches @ conv_to_perceptron(weight).T, conv, atol=1e-5, rtol=1e-5)
+
+
+def test_bare_monai_vit_checkpoint_loads_into_the_backbone(tmp_path):
+    from monai.networks.nets import ViT
+
+    torch.manual_seed(0)
+    ref = ViT(in_channels=1, img_size=32, patch_size=16, hidden_size=48, mlp_dim=192, num_layers=4, num_heads=2,
+              proj_type="conv").eval()
+    torch.save(ref.state_dict(), tmp_path / "vit.pt")
+    ours = create_backbone("unetr_vit_base", pretrained=str(tmp_path / "vit.pt"), **TINY_VIT).eval()
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        last, hidden = ref(x)
+        maps = ours(x)
+    tokens = [m.flatten(2).transpose(1, 2) for m in maps]  # [B, C, 2, 2, 2] -> [B, 8, C]
+    torch.testing.assert_close(tokens[-1], last, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tokens[1], hidden[1], atol=1e-5, rtol=1e-4)
+
+
+def test_unetr_vit_base_preset():
+    vit = create_backbone("unetr_vit_base")
+    assert vit.out_indices == [3, 6, 9, 11] and vit.num_prefix_tokens == 0
+    assert [f.stride for f in vit.feature_info] == [(16, 16, 16)] * 4
+    assert vit.blocks[0].attn.qkv.bias is None and vit.norm.eps == 1e-5
+    with pytest.raises(TypeError, match="unknown arguments"):
+        create_backbone("unetr_vit_base", hidden_size=768)
+
+
+@pytest.mark.parametrize("size", [(32, 32, 32), (64, 48, 32), (48, 48, 48)])
+def test_output_matches_the_input_for_several_roi_sizes(size):
+    module = tiny_module()
+    x = torch.randn(1, 1, *size)
+    out = module(x)
+    assert out.shape == (1, 3, *size) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert module.backbone.pos_embed.grad is not None
+
+
+def test_multichannel_input_and_decoder_widths():
+    module = tiny_module(in_channels=4)
+    assert module.backbone.in_chans == 4
+    assert module.head.input_block.layer.conv1.conv.in_channels == 4
+    widths = [b.conv_block.conv2.conv.out_channels for b in module.head.up_blocks]
+    assert widths == [32, 16, 8, 4]  # feature_size * 2**level, deepest first
+    assert module(torch.randn(2, 4, 32, 32, 32)).shape == (2, 3, 32, 32, 32)
+
+
+def test_patch_8_uses_three_levels():
+    module = tiny_module(backbone_kwargs={**TINY_VIT, "patch_size": 8, "out_indices": [1, 2, 3]})
+    assert len(module.head.up_blocks) == 3 and len(module.head.skip_blocks) == 2
+    assert module(torch.randn(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+
+
+def test_decoder_rejects_features_that_do_not_match_the_patch():
+    vit = create_backbone("unetr_vit_base", **{**TINY_VIT, "out_indices": [1, 3]})
+    with pytest.raises(ValueError, match="needs 2 feature maps at one isotropic stride 2\\*\\*2"):
+        UnetrDecoder(vit.feature_info, in_chans=1, num_classes=2)
+
+
+def test_image_vit_checkpoint_initialises_the_3d_encoder_by_inflation(tmp_path):
+    import timm
+
+    image_vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+    torch.save(image_vit.state_dict(), tmp_path / "vit_tiny.pth")
+    kwargs = dict(img_size=32, embed_dim=192, depth=12, num_heads=3, out_indices=[3, 6, 9, 11])
+    module = MedicalSegmentationModule(
+        backbone="unetr_vit_base", backbone_kwargs=kwargs, num_classes=3, feature_size=4,
+        pretrained=str(tmp_path / "vit_tiny.pth"),
+    )
+    report = module.load_report
+    assert {"backbone.patch_embed.proj.weight", "backbone.pos_embed"} <= set(report.adapted)
+    assert "backbone.blocks.11.mlp.fc2.weight" in report.loaded
+    kernel_2d = image_vit.patch_embed.proj.weight.detach()  # [192, 3, 16, 16]
+    kernel_3d = module.backbone.patch_embed.proj.weight.detach()  # [192, 1, 16, 16, 16]
+    torch.testing.assert_close(kernel_3d.sum(2), kernel_2d.sum(1, keepdim=True), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(module.backbone.blocks[5].attn.qkv.weight, image_vit.blocks[5].attn.qkv.weight)
+    out = module(torch.randn(1, 1, 32, 32, 32))
+    assert out.shape == (1, 3, 32, 32, 32) and torch.isfinite(out).all()
