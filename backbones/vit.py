@@ -1,34 +1,38 @@
-"""VisionTransformer: one ViT for images (2-D) and volumes (3-D patches).
+"""VisionTransformer: one ViT for images (2-D), volumes (3-D patches) and videos (TimeSformer).
 
-Images ``[B, C, H, W]`` and volumes ``[B, C, D, H, W]`` are cut into patches, given learned position
-embeddings (interpolated on the fly when the input grid differs from the one the model was built for)
-and passed through pre-norm blocks. ``forward`` returns the tokens of the blocks in ``out_indices`` as
-channel-first maps; the last block's output is the final-normalised one, as a classifier sees it.
+Images ``[B, C, H, W]``, volumes ``[B, C, D, H, W]`` and videos ``[B, C, T, H, W]`` are cut into patches,
+given learned position embeddings (interpolated on the fly when the input grid differs from the one the
+model was built for) and passed through pre-norm blocks. A video model (``num_frames`` set) has a spatial
+``pos_embed`` shared by all frames plus a temporal ``time_embed``, and attends jointly over space-time,
+divided (temporal then spatial, TimeSformer) or per frame only. ``forward`` returns the tokens of the
+blocks in ``out_indices`` as channel-first maps; the last block's output is the final-normalised one.
 """
 
 from __future__ import annotations
 
-import math
 import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from . import build_preset, register
 from .base import Backbone, FeatureInfo
 from .layers import Block, PatchEmbed, resample_pos_embed, to_tuple
+from .video_blocks import DividedSpaceTimeBlock, VideoAttention, frames_to_clip
 
 
 class VisionTransformer(Backbone):
-    """Plain ViT (Dosovitskiy et al., 2021) over 2-D or 3-D patches.
+    """Plain ViT (Dosovitskiy et al., 2021) over 2-D or 3-D patches, and its video form (TimeSformer).
 
     Args:
-        img_size: input size the position embeddings are built for (int or one entry per spatial dim);
-            other sizes divisible by the patch size work through interpolation.
-        patch_size: patch side(s); a tuple gives anisotropic patches, e.g. ``(16, 16, 16)``.
+        img_size: input size the position embeddings are built for (int or one entry per spatial dim;
+            for a video, the frame size); other sizes divisible by the patch size work through interpolation.
+        patch_size: patch side(s); a tuple gives anisotropic patches, e.g. ``(16, 16, 16)``, or for a
+            video ``(1, 16, 16)`` (an int ``p`` means ``(1, p, p)`` there).
         in_chans: input channels.
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the transformer's size.
         class_token: prepend a learned class token (``False`` for UNETR-style encoders).
@@ -40,6 +44,15 @@ class VisionTransformer(Backbone):
         init_values: LayerScale initial value, ``None`` for none.
         patch_bias: bias on the patch projection.
         norm_eps: LayerNorm epsilon (1e-6 in timm/Google ViTs, 1e-5 in MONAI's).
+        num_frames: makes this a video model for ``[B, C, T, H, W]`` clips (with ``spatial_dims=3``): the
+            clip length ``time_embed`` is built for; other lengths work through interpolation.
+        attention: for videos, ``joint`` (all space-time tokens attend to each other), ``divided``
+            (TimeSformer: temporal then spatial attention in every block) or ``space_only`` (frames are
+            encoded separately, class tokens averaged over frames; no temporal embedding). Images and
+            volumes use ``joint``.
+        time_embed_std: standard deviation of the random initial temporal embedding. A model inflated from
+            an image checkpoint starts from zero instead, as the TimeSformer release does; from scratch, a
+            larger value (0.5) breaks the frame-order symmetry much sooner on small data.
     """
 
     def __init__(
@@ -62,15 +75,31 @@ class VisionTransformer(Backbone):
         init_values: float | None = None,
         patch_bias: bool = True,
         norm_eps: float = 1e-6,
+        num_frames: int | None = None,
+        attention: VideoAttention = "joint",
+        time_embed_std: float = 0.02,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if attention not in ("joint", "divided", "space_only"):
+            raise ValueError(f"attention must be 'joint', 'divided' or 'space_only', got {attention!r}")
+        self.video = num_frames is not None
+        if self.video and spatial_dims != 3:
+            raise ValueError(f"a video model (num_frames={num_frames}) needs spatial_dims=3, got {spatial_dims}")
+        if not self.video and attention != "joint":
+            raise ValueError(f"attention={attention!r} needs a video model: set num_frames")
+        if attention == "divided" and init_values:
+            raise ValueError("LayerScale (init_values) is not supported with divided attention")
+        self.attention = attention
+        self.time_embed_std = time_embed_std
         self.spatial_dims = spatial_dims
         self.in_chans = in_chans
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = int(class_token)
         self.default_pool = "cls" if class_token else "avg"
+        if self.video and isinstance(patch_size, int):
+            patch_size = (1, patch_size, patch_size)
         self.patch_embed = PatchEmbed(
             patch_size=to_tuple(patch_size, spatial_dims, "patch_size"),
             in_chans=in_chans,
@@ -78,28 +107,35 @@ class VisionTransformer(Backbone):
             spatial_dims=spatial_dims,
             bias=patch_bias,
         )
-        self.img_size = to_tuple(img_size, spatial_dims, "img_size")
+        if self.video:
+            self.img_size = (num_frames, *to_tuple(img_size, 2, "img_size"))
+        else:
+            self.img_size = to_tuple(img_size, spatial_dims, "img_size")
         self.grid = self.patch_embed.grid(self.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        num_pos = self.num_prefix_tokens + math.prod(self.grid)
+        self.pos_grid = self.grid[1:] if self.video else self.grid  # what pos_embed covers
+        num_pos = self.num_prefix_tokens + math.prod(self.pos_grid)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
+        has_time = self.video and attention != "space_only"
+        self.time_embed = nn.Parameter(torch.zeros(1, self.grid[0], embed_dim)) if has_time else None
         self.pos_drop = nn.Dropout(drop_rate)
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
-        self.blocks = nn.ModuleList(
-            Block(
-                embed_dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                proj_drop=drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=rate,
-                init_values=init_values,
-                norm_layer=norm_layer,
-            )
-            for rate in rates
-        )
+        common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate)
+        if attention == "divided":
+            blocks: list[nn.Module] = [
+                DividedSpaceTimeBlock(
+                    embed_dim, num_heads, **common, drop_path=rate,
+                    num_prefix_tokens=self.num_prefix_tokens, norm_layer=norm_layer,
+                )
+                for rate in rates
+            ]
+        else:
+            blocks = [
+                Block(embed_dim, num_heads, **common, drop_path=rate, init_values=init_values, norm_layer=norm_layer)
+                for rate in rates
+            ]
+        self.blocks = nn.ModuleList(blocks)
         self.norm = norm_layer(embed_dim)
         indices = [depth - 1] if out_indices is None else [i % depth if -depth <= i < depth else i for i in out_indices]
         if any(not 0 <= i < depth for i in indices) or sorted(set(indices)) != indices:
@@ -111,6 +147,8 @@ class VisionTransformer(Backbone):
 
     def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.time_embed is not None:
+            nn.init.trunc_normal_(self.time_embed, std=self.time_embed_std, a=-2 * self.time_embed_std, b=2 * self.time_embed_std)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
@@ -118,6 +156,9 @@ class VisionTransformer(Backbone):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, DividedSpaceTimeBlock):
+                m.reset_temporal()
 
     def adapt_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
         """Make a checkpoint tensor of another shape fit: position embeddings are resampled to our grid
@@ -125,9 +166,26 @@ class VisionTransformer(Backbone):
         patch kernels are adapted to our input channels and inflated from 2-D to 3-D."""
         if name == "pos_embed":
             return self._adapt_pos_embed(tensor)
+        if name == "time_embed" and self.time_embed is not None and tensor.ndim == 3:
+            return resample_pos_embed(tensor, tensor.shape[1:2], self.grid[:1])
         if name == "patch_embed.proj.weight":
             return self._adapt_patch_kernel(tensor)
         return None
+
+    def derive_checkpoint_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights this model has but an image checkpoint lacks, made the way TimeSformer inflates ImageNet
+        weights: each block's temporal attention and norm start as copies of its spatial ones, and
+        ``time_embed`` at zero (``temporal_fc`` is zero-initialised), so the video model starts out
+        scoring a clip of identical frames as the image model scores one."""
+        derived = {}
+        if self.time_embed is not None and "time_embed" not in state and "pos_embed" in state:
+            derived["time_embed"] = torch.zeros_like(self.time_embed)
+        for name in self.state_dict():
+            if ".temporal_attn." in name or ".temporal_norm1." in name:
+                source = name.replace(".temporal_attn.", ".attn.").replace(".temporal_norm1.", ".norm1.")
+                if name not in state and source in state:
+                    derived[name] = state[source]
+        return derived
 
     def _adapt_pos_embed(self, pos: torch.Tensor) -> torch.Tensor | None:
         ours = self.pos_embed.shape[1] - self.num_prefix_tokens
@@ -137,63 +195,11 @@ class VisionTransformer(Backbone):
             if n <= 0:
                 continue
             side3, side2 = round(n ** (1 / 3)), math.isqrt(n)
-            if self.spatial_dims == 3 and side3**3 == n:
+            if self.spatial_dims == 3 and not self.video and side3**3 == n:
                 grid = resample_pos_embed(pos[:, prefix:], (side3,) * 3, self.grid)
             elif side2 * side2 == n:
                 plane = resample_pos_embed(pos[:, prefix:], (side2, side2), self.grid[-2:])
-                depth = self.grid[0] if self.spatial_dims == 3 else 1
-                grid = plane.repeat(1, depth, 1)  # the same 2-D embedding on every slice: [1, D*H*W, C]
-            else:
-                continue
-            if grid.shape[1] != ours:
-                return None
-            if self.num_prefix_tokens == 0:
-                return grid
-            cls = pos[:, :1] if prefix else torch.zeros_like(pos[:, :1])
-            return torch.cat([cls, grid], dim=1)
-        return None
-
-    def _adapt_patch_kernel(self, weight: torch.Tensor) -> torch.Tensor | None:
-        target = self.patch_embed.proj.weight.shape  # [C, in_chans, *patch]
-        if weight.shape[1] != self.in_chans:
-            from timm.models import adapt_input_conv
-
-            flat = weight.reshape(*weight.shape[:3], -1)  # [O, I, a, b(*c)]: timm adapts 4-D kernels
-            weight = adapt_input_conv(self.in_chans, flat).reshape(weight.shape[0], self.in_chans, *weight.shape[2:])
-        if weight.ndim == 4 and len(target) == 5:
-            depth = target[2]
-            if tuple(weight.shape[2:]) != tuple(target[3:]):
-                return None
-            weight = weight.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth  # average inflation (I3D)
-        elif weight.ndim == 4 and tuple(weight.shape[2:]) != tuple(target[2:]):
-            from timm.layers import resample_patch_embed
-
-            weight = resample_patch_embed(weight, list(target[2:]))
-        return weight
-
-    def adapt_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
-        """Make a checkpoint tensor of another shape fit: position embeddings are resampled to our grid
-        (2-D grids are inflated over depth for 3-D models), the class-token slot is added or dropped,
-        patch kernels are adapted to our input channels and inflated from 2-D to 3-D."""
-        if name == "pos_embed":
-            return self._adapt_pos_embed(tensor)
-        if name == "patch_embed.proj.weight":
-            return self._adapt_patch_kernel(tensor)
-        return None
-
-    def _adapt_pos_embed(self, pos: torch.Tensor) -> torch.Tensor | None:
-        ours = self.pos_embed.shape[1] - self.num_prefix_tokens
-        grid_tokens = pos.shape[1]
-        for prefix in (self.num_prefix_tokens, 1 - self.num_prefix_tokens):
-            n = grid_tokens - prefix
-            if n <= 0:
-                continue
-            side3, side2 = round(n ** (1 / 3)), math.isqrt(n)
-            if self.spatial_dims == 3 and side3**3 == n:
-                grid = resample_pos_embed(pos[:, prefix:], (side3,) * 3, self.grid)
-            elif side2 * side2 == n:
-                plane = resample_pos_embed(pos[:, prefix:], (side2, side2), self.grid[-2:])
-                depth = self.grid[0] if self.spatial_dims == 3 else 1
+                depth = self.grid[0] if self.spatial_dims == 3 and not self.video else 1
                 grid = plane.repeat(1, depth, 1)  # the same 2-D embedding on every slice: [1, D*H*W, C]
             else:
                 continue
@@ -224,31 +230,50 @@ class VisionTransformer(Backbone):
         return weight
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "time_embed"}
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """Patch tokens with prefix tokens and position embeddings: ``[B, prefix + N, C]`` and the grid."""
+        """Patch tokens with prefix tokens and position embeddings: ``[B, prefix + N, C]`` and the grid.
+        Under space-only attention the frames become batch entries: ``[(B T), prefix + H*W, C]``."""
         self.check_input(x)
         x, grid = self.patch_embed(x)
-        pos = resample_pos_embed(self.pos_embed, self.grid, grid, self.num_prefix_tokens)
+        p = self.num_prefix_tokens
+        pos = resample_pos_embed(self.pos_embed, self.pos_grid, grid[1:] if self.video else grid, p)
+        if self.video:
+            x = rearrange(x, "b (t n) c -> b t n c", t=grid[0]) + pos[:, None, p:]
+            if self.time_embed is not None:
+                x = x + resample_pos_embed(self.time_embed, self.grid[:1], grid[:1])[:, :, None]  # [1, T, 1, C]
+            pattern = "b t n c -> (b t) n c" if self.attention == "space_only" else "b t n c -> b (t n) c"
+            x = rearrange(x, pattern)
+            pos = pos[:, :p]
+        else:
+            x = x + pos[:, p:]
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + pos), grid
+            x = torch.cat([(self.cls_token + pos[:, :p]).expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x), grid
+
+    def run_block(self, index: int, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        block = self.blocks[index]
+        return block(x, grid[0]) if self.attention == "divided" else block(x)
+
+    def clip_tokens(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """Block outputs as one sequence per sample (folds space-only frames back into clips)."""
+        return frames_to_clip(x, grid[0], self.num_prefix_tokens) if self.attention == "space_only" else x
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self.embed(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        x, grid = self.embed(x)
+        for i in range(len(self.blocks)):
+            x = self.run_block(i, x, grid)
+        return self.norm(self.clip_tokens(x, grid))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x, grid = self.embed(x)
         outs = []
-        last = self.out_indices[-1]
-        for i, block in enumerate(self.blocks[: last + 1]):
-            x = block(x)
+        for i in range(self.out_indices[-1] + 1):
+            x = self.run_block(i, x, grid)
             if i in self.out_indices:
-                y = self.norm(x) if i == len(self.blocks) - 1 else x
+                y = self.clip_tokens(x, grid)
+                y = self.norm(y) if i == len(self.blocks) - 1 else y
                 outs.append(self.tokens_to_map(y, grid))
         return outs
 
@@ -308,3 +333,30 @@ def vit_base_patch32(**kwargs: Any) -> VisionTransformer:
 def vit_large_patch32(**kwargs: Any) -> VisionTransformer:
     """ViT-L/32."""
     return _vit(kwargs, patch_size=32, embed_dim=1024, depth=24, num_heads=16)
+
+
+@register
+def timesformer_base_patch16(**kwargs: Any) -> VisionTransformer:
+    """TimeSformer-B (Bertasius et al., 2021): ViT-B/16 over 8 frames of 224², divided space-time attention."""
+    return _vit(
+        kwargs, patch_size=(1, 16, 16), embed_dim=768, depth=12, num_heads=12,
+        spatial_dims=3, num_frames=8, attention="divided",
+    )
+
+
+@register
+def timesformer_small_patch16(**kwargs: Any) -> VisionTransformer:
+    """TimeSformer on ViT-S/16 (384 wide, 12 blocks, 6 heads), 8 frames of 224²."""
+    return _vit(
+        kwargs, patch_size=(1, 16, 16), embed_dim=384, depth=12, num_heads=6,
+        spatial_dims=3, num_frames=8, attention="divided",
+    )
+
+
+@register
+def timesformer_nano_patch8(**kwargs: Any) -> VisionTransformer:
+    """A 4-block, 96-wide TimeSformer over 8 frames of 32² in 8² patches: for tests and CPU demos."""
+    return _vit(
+        kwargs, img_size=32, patch_size=(1, 8, 8), embed_dim=96, depth=4, num_heads=4,
+        spatial_dims=3, num_frames=8, attention="divided",
+    )
