@@ -113,7 +113,7 @@ class VolumeMetric(Metric):
         return torch.where(scores == NOT_COUNTED, torch.nan, scores).nanmean(0)
 
     def compute(self) -> torch.Tensor:
-        if not self.dice:
+        if len(self.dice) == 0:  # a list here, but one tensor once synchronised across processes
             return torch.tensor(float("nan"))
         per_class = self.per_class()
         return per_class[self.class_index - 1] if self.class_index is not None else per_class.nanmean()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torchmetrics import MetricCollection
 
 import datamodules.common as common
 from datamodules.common import make_loader
@@ -115,3 +116,34 @@ def test_sync_batchnorm_only_where_processes_can_share_statistics() -> None:
             "--trainer.devices=1", "--trainer.accelerator=cpu", "--trainer.logger=false"]
     cli = run_cli(ClassificationModule, ClassificationDataModule, args=args, run=False)
     assert isinstance(cli.trainer.strategy._layer_sync, SyncBatchNormWhenDistributed)
+
+
+def tiny_task_metrics() -> dict[str, tuple[MetricCollection, tuple[torch.Tensor, ...]]]:
+    """Each task's validation metrics and one batch of what ``metric_inputs`` feeds them."""
+    from tasks.medical_metrics import volume_metrics
+    from tasks.segmentation import SegmentationModule
+
+    mit = {"embed_dims": (16, 32, 64, 128), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 4)}
+    segmentation = SegmentationModule(backbone="mit_b0", backbone_kwargs=mit, decoder_dim=16, num_classes=4)
+    labels = torch.randint(0, 4, (2, 16, 16))
+    return {
+        "classification": (ClassificationModule(backbone="vit_tiny_patch16", backbone_kwargs={"img_size": 32, "depth": 1},
+                                                num_classes=7).build_metrics(), (torch.randn(10, 7), torch.randint(0, 7, (10,)))),
+        "segmentation": (segmentation.build_metrics(), (labels, torch.where(labels == 3, 255, torch.randint(0, 4, (2, 16, 16))))),
+        "medical": (volume_metrics(3), (torch.randint(0, 3, (2, 8, 8, 8)), torch.randint(0, 3, (2, 8, 8, 8)))),
+    }
+
+
+def test_task_metrics_reduce_over_processes() -> None:
+    """``compute`` under DDP reduces the states gathered from every process (list states arrive as one tensor):
+    a second process that saw the same samples leaves every mean unchanged."""
+    torch.manual_seed(0)
+    for task, (metrics, inputs) in tiny_task_metrics().items():
+        gathered = metrics.clone()
+        for _, metric in gathered.items(keep_base=True):
+            metric.dist_sync_fn = lambda t, group=None: [t, t.clone()]
+            metric.distributed_available_fn = lambda: True
+        metrics.update(*inputs)
+        gathered.update(*inputs)
+        one, two = metrics.compute(), gathered.compute()
+        assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], equal_nan=True) for k in one), task

@@ -20,6 +20,11 @@ TASK_RUNS = {
         "--model.backbone_kwargs={img_size: 32, depth: 1, embed_dim: 48, num_heads: 2}", "--data.image_size=32",
         "--data.synthetic_train_per_class=8", "--data.batch_size=4",
     ],
+    "medical": [
+        "--config=configs/unetr.yaml",
+        "--model.backbone_kwargs={img_size: 32, embed_dim: 96, depth: 4, num_heads: 2, out_indices: [0, 1, 2, 3]}",
+        "--data.roi_size=[32, 32, 32]", "--data.synthetic_num_train=4", "--data.synthetic_size=32",
+    ],
 }
 
 
