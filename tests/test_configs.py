@@ -49,7 +49,7 @@ def test_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
 
 def test_unknown_config_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text(Path("configs/vit_small_patch16.yaml").read_text().replace("  lr: 5.0e-4", "  learning_rate: 5.0e-4"))
+    bad.write_text(Path("configs/vit_small_patch16.yaml").read_text().replace("\n  lr: ", "\n  learning_rate: "))
     model_cls, data_cls = classes_of("classification")
     with pytest.raises(SystemExit):
         run_cli(model_cls, data_cls, args=[f"--config={bad}"], run=False)
