@@ -89,7 +89,8 @@ def _mit_encoder(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
 def _merge_kv(state: StateDict) -> StateDict:
     """Concatenate separate ``attn.k``/``attn.v`` projections into our ``attn.kv`` (keys first)."""
     for key in [k for k in state if ".attn.k." in k]:
-        state[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([state.pop(key), state.pop(key.replace(".attn.k.", ".attn.v."))])
+        value = state.pop(key.replace(".attn.k.", ".attn.v."))
+        state[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([state.pop(key), value])
     return state
 
 

@@ -67,12 +67,17 @@ def detect_layout(root: Path) -> str:
     return "folders"
 
 
-def find_pairs(root: Path, layout: str, split: str, image_dir: str = "images", mask_dir: str = "masks") -> list[tuple[Path, Path]]:
+def find_pairs(
+    root: Path, layout: str, split: str, image_dir: str = "images", mask_dir: str = "masks"
+) -> list[tuple[Path, Path]]:
     """``(image, mask)`` paths of one split; an image without its mask raises a DataError naming both."""
     if layout == "cityscapes":
         folder = root / "leftImg8bit" / split
         images = sorted(folder.rglob("*_leftImg8bit.png"))
-        masks = [root / "gtFine" / split / p.relative_to(folder).parent / p.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png") for p in images]
+        masks = [
+            root / "gtFine" / split / p.relative_to(folder).parent / p.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
+            for p in images
+        ]
     else:
         folder = root / ("images" if layout == "ade20k" else image_dir) / split
         mask_root = root / ("annotations" if layout == "ade20k" else mask_dir) / split
@@ -284,13 +289,16 @@ class SegmentationDataModule(L.LightningDataModule):
     def split_name(self, which: Literal["train", "val", "test"]) -> str:
         hp = self.hparams
         train, val = _SPLITS[self.layout]
-        return {"train": hp.train_split or train, "val": hp.val_split or val, "test": hp.test_split or hp.val_split or val}[which]
+        names = {"train": hp.train_split or train, "val": hp.val_split or val, "test": hp.test_split or hp.val_split or val}
+        return names[which]
 
     def _dataset(self, which: Literal["train", "val", "test"]) -> SegmentationDataset:
         hp, root = self.hparams, self.data_root()
         pairs = find_pairs(root, self.layout, self.split_name(which), hp.image_dir, hp.mask_dir)
         if hp.check_files:
-            check_pairs(pairs, num_classes=self.num_classes, ignore_index=hp.ignore_index, reduce_zero_label=self.reduce_zero_label)
+            check_pairs(
+                pairs, num_classes=self.num_classes, ignore_index=hp.ignore_index, reduce_zero_label=self.reduce_zero_label
+            )
         if which == "train":
             transform = train_pipeline(
                 crop_size=hp.crop_size, scale=hp.scale, ratio_range=hp.ratio_range, cat_max_ratio=hp.cat_max_ratio,

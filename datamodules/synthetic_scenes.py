@@ -95,9 +95,13 @@ def scene(rng: np.random.Generator, size: int, max_objects: int = 4) -> tuple[np
 
 
 def save_label_map(path: Path, label: np.ndarray, palette: list[tuple[int, int, int]] | None = None) -> None:
-    """A ``[H, W]`` uint8 label map as a palette PNG (values are the pixel indices; colours for people)."""
+    """A ``[H, W]`` label map as a palette PNG (pixel values are the labels, the palette is for people);
+    labels above 255 need a 16-bit greyscale PNG instead."""
+    if label.size and label.max() > 255:
+        Image.fromarray(label.astype(np.uint16)).save(path)
+        return
     img = Image.fromarray(label.astype(np.uint8), mode="P")
-    img.putpalette([c for rgb in (palette or voc_palette()) for c in rgb])
+    img.putpalette([c for rgb in (palette or voc_palette()) for c in rgb][: 256 * 3])
     img.save(path)
 
 

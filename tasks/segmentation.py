@@ -62,7 +62,9 @@ class SegFormerHead(nn.Module):
             raise ValueError(f"SegFormerHead was built for {len(self.linear)} feature maps, got {len(features)}")
         size = max((tuple(f.shape[2:]) for f in features), key=lambda s: s[0] * s[1])
         if not self.fold_projections:
-            maps = [self._resize(tokens_to_map(lin(map_to_tokens(f)), f.shape[2:]), size) for f, lin in zip(features, self.linear)]
+            maps = [
+                self._resize(tokens_to_map(lin(map_to_tokens(f)), f.shape[2:]), size) for f, lin in zip(features, self.linear)
+            ]
             x = self.act(self.norm(self.fuse(torch.cat(maps[::-1], dim=1))))
             return self.classifier(F.dropout2d(x, self.dropout, self.training))
         fuse = self.fuse.weight.flatten(1).split(self.embed_dim, dim=1)[::-1]  # per map, shallow to deep: [E, E]
@@ -127,7 +129,8 @@ class SegmentationModule(TaskModule):
         super().__init__(**kwargs)
         if class_weights is not None and len(class_weights) != self.num_classes:
             raise ValueError(f"class_weights has {len(class_weights)} entries for {self.num_classes} classes")
-        self.register_buffer("class_weights", None if class_weights is None else torch.tensor(class_weights), persistent=False)
+        weights = None if class_weights is None else torch.tensor(class_weights)
+        self.register_buffer("class_weights", weights, persistent=False)
         self.extra_losses = nn.ModuleDict()
         if dice_weight or lovasz_weight:
             from segmentation_models_pytorch.losses import DiceLoss, LovaszLoss
@@ -204,17 +207,18 @@ class SegmentationModule(TaskModule):
         return (inter / (confmat.sum(0) + confmat.sum(1) - inter)).float()
 
     def _epoch_summary(self, stage: Literal["val", "test"]) -> None:
-        """Log ``<stage>/iou/<class>``; print the per-class table after validate/test and at the end of fit."""
+        """Per-class IoU: logged as ``<stage>/iou/<class>`` and printed by validate/test, printed at the end of fit."""
         if self.trainer.sanity_checking:
             return
         iou = self.class_iou(stage)
-        for name, value in zip(self.class_names, iou.tolist()):
-            if value == value:  # not NaN: the class occurred in the labels or the predictions
-                self.log(f"{stage}/iou/{name}", value, sync_dist=False)
-        per_class = ", ".join(f"{n} {v:.3f}" for n, v in zip(self.class_names, iou.tolist()) if v == v)
+        per_class = ", ".join(f"{n} {v:.3f}" for n, v in zip(self.class_names, iou.tolist()) if v == v)  # v == v: not NaN
         self._last_summary = f"[{stage}] epoch {self.current_epoch}: mIoU {float(iou.nanmean()):.4f} | per class: {per_class}"
-        if self.trainer.state.fn != "fit":
-            rank_zero_info(self._last_summary)
+        if self.trainer.state.fn == "fit":
+            return  # during fit the epoch line shows val/miou; per class it would print a class count of numbers
+        for name, value in zip(self.class_names, iou.tolist()):
+            if value == value:  # the class occurred in the labels or the predictions
+                self.log(f"{stage}/iou/{name}", value, sync_dist=False)
+        rank_zero_info(self._last_summary)
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_summary("val")
@@ -239,7 +243,8 @@ class SegmentationModule(TaskModule):
         data_ignore = getattr(dm, "hparams", {}).get("ignore_index", self.hparams.ignore_index)
         if data_ignore != self.hparams.ignore_index:
             raise ValueError(
-                f"data.ignore_index={data_ignore} but model.ignore_index={self.hparams.ignore_index}: set both to the same value"
+                f"data.ignore_index={data_ignore} but model.ignore_index={self.hparams.ignore_index}: "
+                "set both to the same value"
             )
 
     def on_fit_start(self) -> None:
@@ -262,8 +267,9 @@ class SegmentationModule(TaskModule):
         out_dir = Path(getattr(self, "predict_output_dir", "predictions"))
         palette = self.palette or voc_palette()
         rows = []
-        for i, (index, path, name, size) in enumerate(zip(batch["index"].tolist(), batch["path"], batch["name"], batch["size"].tolist())):
-            label = self.to_label_size(logits[i : i + 1].float(), size).argmax(1)[0].to(torch.uint8).cpu().numpy()
+        samples = zip(batch["index"].tolist(), batch["path"], batch["name"], batch["size"].tolist())
+        for i, (index, path, name, size) in enumerate(samples):
+            label = self.to_label_size(logits[i : i + 1].float(), size).argmax(1)[0].cpu().numpy()  # [H, W]
             mask_path = out_dir / "masks" / f"{name}.png"
             atomic_write(mask_path, lambda tmp, lab=label: save_label_map(Path(tmp), lab, palette))
             row = {"index": index, "path": path, "mask": str(mask_path), "height": size[0], "width": size[1]}
