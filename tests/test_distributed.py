@@ -147,3 +147,32 @@ def test_task_metrics_reduce_over_processes() -> None:
         gathered.update(*inputs)
         one, two = metrics.compute(), gathered.compute()
         assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], equal_nan=True) for k in one), task
+
+
+def segmentation_args(out: Path) -> list[str]:
+    return [
+        "--config=configs/segformer_b0.yaml", "--seed_everything=3", "--model.decoder_dim=32",
+        "--model.backbone_kwargs={embed_dims: [16, 32, 64, 128], depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 4]}",
+        "--data.synthetic_size=64", "--data.synthetic_train=16", "--data.synthetic_val=5", "--data.crop_size=[64, 64]",
+        "--data.val_batch_size=1", "--data.num_workers=0", "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={out}",
+        f"--trainer.default_root_dir={out}",
+    ]
+
+
+def test_segmentation_ddp_validation_equals_one_process(tmp_path: Path, synthetic_cache: str) -> None:
+    """A SegFormer (BatchNorm in the decoder, so ``sync_batchnorm`` is exercised) trained by two processes and
+    validated on 5 scenes: its mIoU, accuracies and loss equal one process's (confusion matrices summed)."""
+    from tasks.segmentation import main as segmentation_main
+
+    ddp = tmp_path / "ddp"
+    run_task("segmentation", [
+        "fit", *segmentation_args(ddp), "--data.batch_size=4", "--trainer.max_epochs=1", "--trainer.devices=2",
+        "--trainer.strategy=ddp", "--trainer.sync_batchnorm=true",
+    ], cache=synthetic_cache)
+    segmentation_main(["validate", *segmentation_args(tmp_path / "one"), f"--ckpt_path={ddp / 'checkpoints' / 'last.ckpt'}"])
+    two, one = read_metrics(ddp)[0], read_metrics(tmp_path / "one")[0]
+    val = {k: v for k, v in one.items() if k.startswith("val/") and k in two}
+    assert {"val/miou", "val/acc", "val/macc", "val/loss"} <= val.keys()
+    assert {k: two[k] for k in val} == pytest.approx(val, rel=1e-6, abs=0)

@@ -4,6 +4,7 @@ metrics computed in fp32."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,30 @@ from tasks.classification import ClassificationModule
 
 TINY_VIT = {"img_size": 32, "depth": 1, "embed_dim": 48, "num_heads": 2}
 
-# per task: a small, fast variant of its default recipe
-TASK_RUNS = {
+
+def tiny_videos(tmp_path: Path) -> list[str]:
+    from datamodules.synthetic_videos import write_motion_videos
+
+    (tmp_path / "videos").mkdir()
+    write_motion_videos(tmp_path / "videos", train_per_class=2, val_per_class=1, size=32, num_frames=8)
+    lists = ["--data.train_list=train.txt", "--data.val_list=val.txt", "--data.class_names=classes.txt"]
+    return [f"--data.root={tmp_path / 'videos'}", *lists, "--data.batch_size=4"]
+
+
+# per task: a small, fast variant of its default recipe (and, where the default data set is large, tiny data)
+TASK_RUNS: dict[str, list[str] | Callable[[Path], list[str]]] = {
     "classification": [
         "--config=configs/vit_small_patch16.yaml", "--model.backbone=vit_tiny_patch16",
         "--model.backbone_kwargs={img_size: 32, depth: 1, embed_dim: 48, num_heads: 2}", "--data.image_size=32",
         "--data.synthetic_train_per_class=8", "--data.batch_size=4",
     ],
+    "segmentation": [
+        "--config=configs/segformer_b0.yaml", "--model.decoder_dim=32",
+        "--model.backbone_kwargs={embed_dims: [16, 32, 64, 128], depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 4]}",
+        "--data.synthetic_size=64", "--data.synthetic_train=8", "--data.synthetic_val=4", "--data.crop_size=[64, 64]",
+        "--data.batch_size=4", "--data.val_batch_size=2",
+    ],
+    "video": lambda tmp_path: ["--config=configs/timesformer_nano.yaml", *tiny_videos(tmp_path)],
     "medical": [
         "--config=configs/unetr.yaml",
         "--model.backbone_kwargs={img_size: 32, embed_dim: 96, depth: 4, num_heads: 2, out_indices: [0, 1, 2, 3]}",
@@ -30,10 +48,11 @@ TASK_RUNS = {
 
 @pytest.mark.parametrize("task", sorted(TASK_RUNS))
 def test_bf16_mixed_fast_dev_run(task: str, tmp_path: Path) -> None:
-    module = importlib.import_module(f"tasks.{task}")
-    module.main([
-        "fit", *TASK_RUNS[task], "--trainer.precision=bf16-mixed", "--trainer.fast_dev_run=2",
-        "--trainer.accelerator=cpu", "--trainer.devices=1", "--data.num_workers=0", f"--trainer.default_root_dir={tmp_path}",
+    run = TASK_RUNS[task]
+    args = run(tmp_path) if callable(run) else run
+    importlib.import_module(f"tasks.{task}").main([
+        "fit", *args, "--trainer.precision=bf16-mixed", "--trainer.fast_dev_run=2", "--trainer.accelerator=cpu",
+        "--trainer.devices=1", "--data.num_workers=0", f"--trainer.default_root_dir={tmp_path}",
     ])
 
 
