@@ -88,6 +88,11 @@ class SegFormerHead(nn.Module):
         return x if tuple(x.shape[2:]) == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+# How to run a trained model, not part of it: left out of checkpoints, because LightningCLI lets a checkpoint's
+# hyperparameters override the command line, and ``validate --ckpt_path ... --model.inference slide`` must work.
+EVAL_OPTIONS = ("inference", "window_size", "window_stride", "sw_batch_size", "save_overlay")
+
+
 class SegmentationModule(TaskModule):
     """Semantic segmentation: backbone, ``SegFormerHead``, logits upsampled to the label size.
 
@@ -141,6 +146,7 @@ class SegmentationModule(TaskModule):
                 self.extra_losses["lovasz"] = LovaszLoss("multiclass", ignore_index=ignore_index)
         self.class_names: list[str] = [str(i) for i in range(self.num_classes)]
         self.palette: list[tuple[int, int, int]] | None = None
+        self.label_offset = 0
 
     def build_head(self) -> nn.Module:
         return SegFormerHead(
@@ -177,6 +183,11 @@ class SegmentationModule(TaskModule):
         # MONAI steps int(roi * (1 - overlap)); the half pixel keeps the float product from rounding down
         overlap = [1.0 - (min(st, r) + 0.5) / r for st, r in zip(self.hparams.window_stride, roi)]
         return sliding_window_inference(x, roi, self.hparams.sw_batch_size, self, overlap=overlap, mode="constant")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        for key in EVAL_OPTIONS:
+            checkpoint.get("hyper_parameters", {}).pop(key, None)
 
     def to_label_size(self, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         if tuple(logits.shape[2:]) == tuple(size):
@@ -237,6 +248,7 @@ class SegmentationModule(TaskModule):
         if getattr(dm, "class_names", None):
             self.class_names = list(dm.class_names)
         self.palette = getattr(dm, "palette", None)
+        self.label_offset = int(bool(getattr(dm, "reduce_zero_label", False)))  # ADE20K files: class + 1, 0 = other
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -260,7 +272,8 @@ class SegmentationModule(TaskModule):
         self._read_data_info()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Write one palette PNG label map per image at its original size (and an overlay if asked)."""
+        """Write one palette PNG label map per image at its original size, in the data's own label convention
+        (class + 1 under reduce-zero-label, as ADE20K's annotations), and an overlay if asked."""
         from datamodules.synthetic_scenes import save_label_map, voc_palette
 
         logits = self.forward_stage(batch["input"], "test")
@@ -269,7 +282,7 @@ class SegmentationModule(TaskModule):
         rows = []
         samples = zip(batch["index"].tolist(), batch["path"], batch["name"], batch["size"].tolist())
         for i, (index, path, name, size) in enumerate(samples):
-            label = self.to_label_size(logits[i : i + 1].float(), size).argmax(1)[0].cpu().numpy()  # [H, W]
+            label = self.to_label_size(logits[i : i + 1].float(), size).argmax(1)[0].cpu().numpy() + self.label_offset
             mask_path = out_dir / "masks" / f"{name}.png"
             atomic_write(mask_path, lambda tmp, lab=label: save_label_map(Path(tmp), lab, palette))
             row = {"index": index, "path": path, "mask": str(mask_path), "height": size[0], "width": size[1]}

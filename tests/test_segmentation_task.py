@@ -78,7 +78,7 @@ def test_predict_writes_palette_masks_at_the_original_size(tmp_path: Path) -> No
         with Image.open(out / "masks" / f"{name}.png") as mask:
             assert mask.mode == "P" and mask.size == (w, h)
             assert mask.getpalette()[:30] == palette[:30]
-            assert np.asarray(mask).max() < dm.num_classes
+            assert 1 <= np.asarray(mask).min() and np.asarray(mask).max() <= dm.num_classes  # ADE20K: class + 1
         with Image.open(out / "overlays" / f"{name}.jpg") as overlay:
             assert overlay.size == (w, h)
     with open(out / "predictions.csv") as f:
@@ -101,6 +101,32 @@ def test_short_fit_on_synthetic_scenes_raises_miou() -> None:
     run.fit(model, datamodule=dm)
     end = run.validate(model, datamodule=dm, verbose=False)[0]["val/miou"]
     assert end > start + 0.2 and end > 3 * start, (start, end)
+
+
+def test_dice_and_lovasz_losses_honour_ignore_index() -> None:
+    model = tiny_module(dice_weight=0.5, lovasz_weight=0.5, class_weights=[1.0, 2.0, 1.0, 1.0, 1.0])
+    x, target = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
+    target[:, :8] = 255
+    logits = model(x)
+    loss = model.compute_loss(logits, target)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > model.hparams.ce_weight * torch.nn.functional.cross_entropy(
+        logits.detach(), target, weight=model.class_weights, ignore_index=255
+    )
+    with pytest.raises(ValueError, match="class_weights has 2 entries for 5 classes"):
+        tiny_module(class_weights=[1.0, 2.0])
+
+
+def test_evaluation_options_stay_out_of_checkpoints(tmp_path: Path) -> None:
+    """LightningCLI overrides the command line with a checkpoint's hyperparameters; how to evaluate is not kept."""
+    dm = SegmentationDataModule(synthetic_size=32, synthetic_train=4, synthetic_val=2, crop_size=(32, 32), num_workers=0)
+    model = tiny_module(num_classes=dm.num_classes, inference="slide", save_overlay=True)
+    run = trainer(max_steps=1, limit_val_batches=0)
+    run.fit(model, datamodule=dm)
+    run.save_checkpoint(tmp_path / "model.ckpt")
+    saved = torch.load(tmp_path / "model.ckpt", weights_only=True)["hyper_parameters"]
+    assert saved["decoder_dim"] == 32 and not set(saved) & {"inference", "window_size", "save_overlay"}
+    assert SegmentationModule.load_from_checkpoint(tmp_path / "model.ckpt").hparams.inference == "whole"
 
 
 def test_ignore_index_must_agree_with_the_data() -> None:
