@@ -63,7 +63,7 @@ def isolated_global_rngs(seed: int) -> Iterator[None]:
 class EpochShuffleSampler(DistributedSampler):
     """``DistributedSampler`` (shuffled by ``seed + epoch``, padded to a multiple of the process count) that
     yields ``(epoch, index)`` keys for ``SeededSamples`` and can start an epoch part-way, after the samples a
-    checkpointed run already trained on. One process is ``num_replicas=1``: the same order as rank 0 of one.
+    checkpointed run already trained on. ``num_replicas=1`` is the order of a one-process run.
 
     Args:
         dataset: the training set (only its length is used).

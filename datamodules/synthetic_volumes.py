@@ -20,7 +20,7 @@ from .synthetic import ensure_written
 ORGANS = ("liver", "spleen", "kidney", "aorta")
 CLASS_NAMES = ("background", *ORGANS)
 # Mean Hounsfield units (contrast-enhanced CT, roughly), tissue and air.
-_HU = {"liver": 70.0, "spleen": 115.0, "kidney": 170.0, "aorta": 240.0, "tissue": 10.0, "bone": 600.0, "air": -1000.0}
+_HU = {"liver": 60.0, "spleen": 120.0, "kidney": 180.0, "aorta": 240.0, "tissue": 0.0, "bone": 600.0, "air": -1000.0}
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: int = 6) -> np.ndarray:
@@ -88,8 +88,8 @@ def synthetic_case(
         for mask in organs[name]:
             mask &= body & ~spine
             labels[mask] = index
-            image[mask] = _HU[name] + rng.normal(0, 10)
-    image += 25 * _smooth_noise(rng, shape, scale=4) + rng.normal(0, 18, shape).astype(np.float32)
+            image[mask] = _HU[name] + rng.normal(0, 8)
+    image += 15 * _smooth_noise(rng, shape, scale=4) + rng.normal(0, 12, shape).astype(np.float32)
     image[~body] = _HU["air"] + rng.normal(0, 5, (~body).sum())
     if channels == 1:
         return np.round(image).astype(np.int16), labels
@@ -164,7 +164,7 @@ def synthetic_volumes(
     num_train: int = 24, num_test: int = 4, size: int = 64, channels: int = 1, seed: int = 0
 ) -> Path:
     """The default 3-D segmentation data set, written on first use into the cache folder."""
-    name = f"volumes-v2-n{num_train}-{num_test}-s{size}-c{channels}-seed{seed}"
+    name = f"volumes-v3-n{num_train}-{num_test}-s{size}-c{channels}-seed{seed}"
     return ensure_written(
         name,
         lambda tmp: write_decathlon_folder(

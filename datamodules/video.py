@@ -20,6 +20,7 @@ import albumentations as A
 import lightning as L
 import numpy as np
 import torch
+from einops import rearrange
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .common import DataError, default_num_workers, make_loader
@@ -121,7 +122,8 @@ class ClipTransform:
     def __call__(self, frames: np.ndarray) -> list[torch.Tensor]:
         frames = np.asarray(self.augment(images=frames)["images"])
         crops = [frames] if self.train else spatial_crops(frames, self.crop_size, self.num_crops)
-        return [(torch.from_numpy(np.ascontiguousarray(c)).permute(3, 0, 1, 2).float() - self.mean) / self.std for c in crops]
+        clips = [rearrange(torch.from_numpy(np.ascontiguousarray(c)), "t h w c -> c t h w") for c in crops]
+        return [(clip.float() - self.mean) / self.std for clip in clips]
 
 
 class VideoClipDataset(Dataset):

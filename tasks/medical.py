@@ -9,7 +9,6 @@ input, in the input file's own grid, orientation and affine.
 from __future__ import annotations
 
 import gzip
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +16,7 @@ from typing import Any, Literal
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
@@ -232,8 +232,9 @@ class MedicalSegmentationModule(TaskModule):
             original = label_in_original_space(
                 labels[i], batch["affine"][i].cpu(), batch["original_affine"][i].cpu(), batch["original_shape"][i].tolist()
             )
-            path = out_dir / source.name
-            write_nifti_labels(path, original, batch["original_affine"][i].cpu().numpy(), like=source)
+            path = write_nifti_labels(
+                out_dir / source.name, original, batch["original_affine"][i].cpu().numpy(), like=source
+            )
             present = np.unique(original)
             names = self.class_names or [str(c) for c in range(self.num_classes)]
             rows.append({
@@ -249,8 +250,6 @@ def label_in_original_space(
     """Resample a label volume ``[1, D, H, W]`` on the preprocessed grid (``affine``) back onto the file's
     own grid (nearest neighbour), undoing reorientation, resampling and any crop: ``[X, Y, Z]`` uint8."""
     resample = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)
-    from monai.data import MetaTensor
-
     moved = resample(MetaTensor(labels.float(), affine=affine), dst_affine=original_affine, spatial_size=original_shape)
     return np.asarray(moved[0].round().clamp(0, 255).byte().cpu())
 
