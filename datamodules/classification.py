@@ -9,21 +9,19 @@ from typing import Any, Literal
 import albumentations as A
 import cv2
 import numpy as np
-import lightning as L
 import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataError,
+    TaskDataModule,
     check_images,
-    default_num_workers,
     format_list,
     list_images,
-    make_loader,
     read_image,
 )
 from .synthetic import SHAPE_CLASSES, synthetic_shapes
@@ -80,7 +78,7 @@ class ImageFolderDataset(Dataset):
         return {"input": image, "target": torch.tensor(label), "index": index, "path": str(path)}
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class ClassificationDataModule(TaskDataModule):
     """ImageFolder train/val(/test) splits with albumentations pipelines; synthetic shapes by default.
 
     Args:
@@ -127,27 +125,18 @@ class ClassificationDataModule(L.LightningDataModule):
         synthetic_size: int = 64,
         synthetic_train_per_class: int = 400,
     ) -> None:
-        super().__init__()
+        super().__init__(root, num_workers)
         self.save_hyperparameters()
-        self.root = Path(root) if root else None
         if self.root is None:
             self.class_names = list(SHAPE_CLASSES)
         else:
             self.class_names, _ = scan_image_folder(self.root / train_dir)
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.datasets: dict[str, ImageFolderDataset] = {}
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def prepare_data(self) -> None:
-        if self.root is None:
-            synthetic_shapes(self.hparams.synthetic_size, self.hparams.synthetic_train_per_class)
-
-    def data_root(self) -> Path:
-        if self.root is not None:
-            return self.root
+    def synthetic_root(self) -> Path:
         return synthetic_shapes(self.hparams.synthetic_size, self.hparams.synthetic_train_per_class)
 
     def train_transform(self) -> A.Compose:
@@ -206,21 +195,3 @@ class ClassificationDataModule(L.LightningDataModule):
             if hp.check_files:
                 check_images(images)
             self.datasets["predict"] = ImageFolderDataset([(p, -1) for p in images], self.eval_transform())
-
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
-        return make_loader(
-            self.datasets[split], batch_size=self.hparams.batch_size, num_workers=self.num_workers,
-            shuffle=train, drop_last=train and len(self.datasets[split]) > self.hparams.batch_size,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")

@@ -8,12 +8,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .sampling import EpochShuffleSampler, ResumableDataLoader, SeededSamples, process_group
+from .sampling import (
+    EpochShuffleSampler,
+    ResumableDataLoader,
+    SeededSamples,
+    process_group,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,6 +88,60 @@ def make_loader(
         return ResumableDataLoader(SeededSamples(dataset, seed), sampler=sampler, **options)
     unrepeated = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
     return DataLoader(dataset, sampler=unrepeated, **options)
+
+
+class TaskDataModule(L.LightningDataModule):
+    """What every task's DataModule shares: data from ``root`` or, without one, the field's synthetic set
+    (written once to the cache folder by ``synthetic_root``), one dataset per split in ``datasets`` (filled
+    by ``setup``), and the loaders of ``make_loader``. A subclass says how a split is batched through
+    ``split_batch_size`` and ``collate``.
+
+    Args:
+        root: the data folder; ``None`` uses the built-in synthetic data.
+        num_workers: loader worker processes per process (default: up to 4, the cores there are).
+    """
+
+    def __init__(self, root: str | Path | None, num_workers: int | None) -> None:
+        super().__init__()
+        self.root = Path(root) if root else None
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.datasets: dict[str, Dataset] = {}
+
+    def synthetic_root(self) -> Path:
+        """Write the built-in data set on first use and return its folder."""
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        if self.root is None:
+            self.synthetic_root()
+
+    def data_root(self) -> Path:
+        return self.root if self.root is not None else self.synthetic_root()
+
+    def split_batch_size(self, split: str) -> int:
+        return self.hparams.batch_size
+
+    def collate(self, split: str) -> Callable[[list[Any]], Any] | None:
+        return None
+
+    def loader(self, split: str) -> DataLoader:
+        data, batch_size, train = self.datasets[split], self.split_batch_size(split), split == "train"
+        return make_loader(
+            data, batch_size=batch_size, num_workers=self.num_workers, shuffle=train,
+            drop_last=train and len(data) > batch_size, collate_fn=self.collate(split),  # type: ignore[arg-type]
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader("predict")
 
 
 def format_list(items: Iterable[Any], limit: int = 10) -> str:

@@ -9,11 +9,10 @@ synthetic CT-like set of ``synthetic_volumes.py`` is written in that layout and 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from monai.data import CacheDataset, list_data_collate
@@ -32,9 +31,8 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
-from torch.utils.data import DataLoader
 
-from .common import DataError, default_num_workers, make_loader
+from .common import DataError, TaskDataModule
 from .medical_check import check_volumes
 from .synthetic_volumes import CLASS_NAMES, synthetic_volumes
 
@@ -80,7 +78,7 @@ def split_folds(
     return train, val
 
 
-class MedicalDataModule(L.LightningDataModule):
+class MedicalDataModule(TaskDataModule):
     """Decathlon-format volumes through MONAI transforms and ``CacheDataset``; synthetic CT by default.
 
     Args:
@@ -135,9 +133,8 @@ class MedicalDataModule(L.LightningDataModule):
         synthetic_size: int = 64,
         synthetic_channels: int = 1,
     ) -> None:
-        super().__init__()
+        super().__init__(root, num_workers)
         self.save_hyperparameters()
-        self.root = Path(root) if root else None
         if self.root is None:
             self.class_names = list(CLASS_NAMES)
             modalities = ["CT"] if synthetic_channels == 1 else [f"MR{c}" for c in range(synthetic_channels)]
@@ -147,8 +144,6 @@ class MedicalDataModule(L.LightningDataModule):
             modalities = [meta.get("modality", {"0": "CT"})[k] for k in sorted(meta.get("modality", {"0": 0}), key=int)]
         self.modalities = modalities
         self.intensity = intensity if intensity != "auto" else ("ct" if all(m.upper() == "CT" for m in modalities) else "mri")
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.datasets: dict[str, Any] = {}
 
     @property
     def num_classes(self) -> int:
@@ -158,12 +153,7 @@ class MedicalDataModule(L.LightningDataModule):
     def in_channels(self) -> int:
         return len(self.modalities)
 
-    def prepare_data(self) -> None:
-        self.data_root()
-
-    def data_root(self) -> Path:
-        if self.root is not None:
-            return self.root
+    def synthetic_root(self) -> Path:
         hp = self.hparams
         return synthetic_volumes(num_train=hp.synthetic_num_train, size=hp.synthetic_size, channels=hp.synthetic_channels)
 
@@ -255,24 +245,11 @@ class MedicalDataModule(L.LightningDataModule):
         elif stage == "predict":
             self.datasets["predict"] = self._dataset(self.hparams.predict_split, self.eval_transform(False), cache=False)
 
-    def _loader(self, name: str, train: bool = False) -> DataLoader:
-        batch_size = self.hparams.batch_size if train else 1  # whole volumes differ in size
-        return make_loader(
-            self.datasets[name], batch_size=batch_size, num_workers=self.num_workers, shuffle=train,
-            drop_last=False, collate_fn=collate_volumes,
-        )
+    def split_batch_size(self, split: str) -> int:
+        return self.hparams.batch_size if split == "train" else 1  # whole volumes differ in size
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
+    def collate(self, split: str) -> Callable[[list[Any]], Any]:
+        return collate_volumes
 
 
 def collate_volumes(items: list[Any]) -> dict[str, Any]:

@@ -13,18 +13,17 @@ With no ``root``, synthetic scenes are written in the ADE20K layout and read by 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
-from .common import IMAGENET_MEAN, IMAGENET_STD, DataError, default_num_workers, list_images, make_loader, read_image
+from .common import IMAGENET_MEAN, IMAGENET_STD, DataError, TaskDataModule, list_images, read_image
 from .segmentation_transforms import eval_pipeline, train_pipeline
 from .synthetic_scenes import SCENE_CLASSES, synthetic_scenes, voc_palette
 
@@ -189,7 +188,7 @@ def collate_eval(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return default_collate(samples)
 
 
-class SegmentationDataModule(L.LightningDataModule):
+class SegmentationDataModule(TaskDataModule):
     """Segmentation data in ADE20K, Cityscapes or folder layout with the SegFormer augmentation recipe.
 
     Args:
@@ -252,9 +251,8 @@ class SegmentationDataModule(L.LightningDataModule):
         synthetic_train: int = 400,
         synthetic_val: int = 100,
     ) -> None:
-        super().__init__()
+        super().__init__(root, num_workers)
         self.save_hyperparameters(ignore=["num_classes"])  # the model records the resolved count
-        self.root = Path(root) if root else None
         if self.root is not None and not self.root.is_dir():
             raise DataError(f"data root not found: {self.root}")
         self.layout = "ade20k" if self.root is None else detect_layout(self.root) if layout == "auto" else layout
@@ -269,20 +267,12 @@ class SegmentationDataModule(L.LightningDataModule):
             raise DataError(f"num_classes={num_classes} but {len(self.class_names)} class_names were given")
         self.reduce_zero_label = self.layout == "ade20k" if reduce_zero_label is None else reduce_zero_label
         self.palette = CITYSCAPES_PALETTE if names is CITYSCAPES_CLASSES else voc_palette(max(256, len(self.class_names)))
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.datasets: dict[str, SegmentationDataset] = {}
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def prepare_data(self) -> None:
-        if self.root is None:
-            self.data_root()
-
-    def data_root(self) -> Path:
-        if self.root is not None:
-            return self.root
+    def synthetic_root(self) -> Path:
         hp = self.hparams
         return synthetic_scenes(hp.synthetic_size, hp.synthetic_train, hp.synthetic_val)
 
@@ -333,24 +323,8 @@ class SegmentationDataModule(L.LightningDataModule):
                 root=folder, reduce_zero_label=False, ignore_index=hp.ignore_index,
             )
 
-    def train_dataloader(self) -> DataLoader:
-        data = self.datasets["train"]
-        return make_loader(
-            data, batch_size=self.hparams.batch_size, num_workers=self.num_workers, shuffle=True,
-            drop_last=len(data) > self.hparams.batch_size,
-        )
+    def split_batch_size(self, split: str) -> int:
+        return self.hparams.batch_size if split == "train" else self.hparams.val_batch_size
 
-    def _eval_loader(self, which: str) -> DataLoader:
-        return make_loader(
-            self.datasets[which], batch_size=self.hparams.val_batch_size, num_workers=self.num_workers, shuffle=False,
-            collate_fn=collate_eval,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("predict")
+    def collate(self, split: str) -> Callable[[list[Any]], Any] | None:
+        return None if split == "train" else collate_eval  # evaluation keeps each image at its own size

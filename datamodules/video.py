@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import albumentations as A
-import lightning as L
 import numpy as np
 import torch
 from einops import rearrange
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
-from .common import DataError, default_num_workers, make_loader
+from .common import DataError, TaskDataModule
 from .synthetic_videos import MOTION_CLASSES, synthetic_motion_videos
 from .video_annotations import (
     ClassVocabulary,
@@ -198,7 +197,7 @@ def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-class VideoDataModule(L.LightningDataModule):
+class VideoDataModule(TaskDataModule):
     """Annotated video folders (Kinetics, UCF101, Something-Something as video files); synthetic by default.
 
     Args:
@@ -253,22 +252,19 @@ class VideoDataModule(L.LightningDataModule):
         check_files: bool = True,
         synthetic_per_class: int = 128,
     ) -> None:
-        super().__init__()
+        super().__init__(root, num_workers)
         self.save_hyperparameters()
         if test_crops not in (1, 3):
             raise ValueError(f"test_crops must be 1 or 3, got {test_crops}")
         lo, hi = jitter_scales
         if not crop_size <= lo <= hi:
             raise ValueError(f"jitter_scales {tuple(jitter_scales)} must be increasing and at least crop_size {crop_size}")
-        self.root = Path(root) if root else None
         if self.root is None:
             self.vocab = ClassVocabulary.from_names(MOTION_CLASSES)
         elif class_names:
             self.vocab = read_class_names(self._resolve(class_names))
         else:
             self.vocab = infer_vocabulary(read_entries(self._resolve(train_list)))
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.datasets: dict[str, VideoClipDataset] = {}
 
     @property
     def class_names(self) -> list[str]:
@@ -278,12 +274,8 @@ class VideoDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.vocab.names)
 
-    def prepare_data(self) -> None:
-        if self.root is None:
-            synthetic_motion_videos(self.hparams.synthetic_per_class)
-
-    def data_root(self) -> Path:
-        return self.root if self.root is not None else synthetic_motion_videos(self.hparams.synthetic_per_class)
+    def synthetic_root(self) -> Path:
+        return synthetic_motion_videos(self.hparams.synthetic_per_class)
 
     def _resolve(self, name: str) -> Path:
         path = Path(name)
@@ -330,20 +322,5 @@ class VideoDataModule(L.LightningDataModule):
         if stage == "fit" and len(self.datasets["train"]) == 0:
             raise DataError(f"the training list {self.list_path('train')} is empty")
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
-        return make_loader(
-            self.datasets[split], batch_size=self.hparams.batch_size, num_workers=self.num_workers, shuffle=train,
-            drop_last=train and len(self.datasets[split]) > self.hparams.batch_size, collate_fn=collate_clips,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
+    def collate(self, split: str) -> Callable[[list[Any]], Any]:
+        return collate_clips

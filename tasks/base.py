@@ -94,6 +94,28 @@ class TaskModule(L.LightningModule):
         # sample-weighted mean over all processes (a mean of per-process means is wrong when shards differ in size)
         self.losses = nn.ModuleDict({f"{s}_loss": MeanMetric(nan_strategy="disable") for s in ("train", "val", "test")})
         self._resumed_metric_states: dict[str, Any] | None = None
+        self.class_names: list[str] | None = None  # from the DataModule, for logs and predictions
+
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if self.class_names else str(index)
+
+    def read_data_info(self, datamodule: Any) -> None:
+        """Take from the DataModule what names the outputs (its ``class_names``); called as each stage starts,
+        because a model loaded from a checkpoint may meet other data than it was trained on."""
+        if getattr(datamodule, "class_names", None):
+            self.class_names = list(datamodule.class_names)
+
+    def on_fit_start(self) -> None:
+        self.read_data_info(self.trainer.datamodule)
+
+    def on_validation_start(self) -> None:
+        self.read_data_info(self.trainer.datamodule)
+
+    def on_test_start(self) -> None:
+        self.read_data_info(self.trainer.datamodule)
+
+    def on_predict_start(self) -> None:
+        self.read_data_info(self.trainer.datamodule)
 
     # --- what a task supplies -------------------------------------------------------------------------
 

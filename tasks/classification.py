@@ -103,7 +103,6 @@ class ClassificationModule(TaskModule):
                 label_smoothing=label_smoothing,
                 num_classes=self.num_classes,
             )
-        self.class_names: list[str] | None = None
 
     def build_head(self) -> nn.Module:
         pool = self.pool or self.backbone.default_pool
@@ -148,22 +147,11 @@ class ClassificationModule(TaskModule):
             return torch.sum(-target * F.log_softmax(output, dim=-1), dim=-1).mean()
         return F.cross_entropy(output, target, label_smoothing=self.hparams.label_smoothing)
 
-    def on_fit_start(self) -> None:
-        self._read_class_names()
-
-    def on_predict_start(self) -> None:
-        self._read_class_names()
-
-    def _read_class_names(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        self.class_names = list(getattr(dm, "class_names", None) or []) or None
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         probs = self(batch["input"]).float().softmax(-1)
         conf, pred = probs.max(-1)
-        names = self.class_names or [str(i) for i in range(self.num_classes)]
         return [
-            {"index": int(i), "path": p, "predicted_class": names[c], "probability": f"{v:.6f}"}
+            {"index": int(i), "path": p, "predicted_class": self.class_name(c), "probability": f"{v:.6f}"}
             for i, p, c, v in zip(batch["index"].tolist(), batch["path"], pred.tolist(), conf.tolist())
         ]
 

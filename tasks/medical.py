@@ -178,7 +178,6 @@ class MedicalSegmentationModule(TaskModule):
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.head.to(memory_format=self.memory_format)
         self._spacing: torch.Tensor | None = None
-        self.class_names: list[str] | None = None
 
     def build_head(self) -> nn.Module:
         return UnetrDecoder(
@@ -219,10 +218,6 @@ class MedicalSegmentationModule(TaskModule):
 
     # --- predict -------------------------------------------------------------------------------------------
 
-    def on_predict_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        self.class_names = list(getattr(dm, "class_names", None) or []) or None
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         labels = self.sliding_window(batch["input"]).argmax(1, keepdim=True).cpu()  # [B, 1, D, H, W]
         out_dir = Path(getattr(self, "predict_output_dir", "predictions"))
@@ -236,10 +231,9 @@ class MedicalSegmentationModule(TaskModule):
                 out_dir / source.name, original, batch["original_affine"][i].cpu().numpy(), like=source
             )
             present = np.unique(original)
-            names = self.class_names or [str(c) for c in range(self.num_classes)]
             rows.append({
                 "index": index, "path": str(source), "prediction": str(path),
-                "classes_found": " ".join(names[c] for c in present if c > 0),
+                "classes_found": " ".join(self.class_name(c) for c in present if c > 0),
             })
         return rows
 

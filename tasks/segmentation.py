@@ -243,10 +243,9 @@ class SegmentationModule(TaskModule):
 
     # --- predict --------------------------------------------------------------------------------------------
 
-    def _read_data_info(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if getattr(dm, "class_names", None):
-            self.class_names = list(dm.class_names)
+    def read_data_info(self, datamodule: Any) -> None:
+        super().read_data_info(datamodule)
+        dm = datamodule
         self.palette = getattr(dm, "palette", None)
         self.label_offset = int(bool(getattr(dm, "reduce_zero_label", False)))  # ADE20K files: class + 1, 0 = other
 
@@ -258,18 +257,6 @@ class SegmentationModule(TaskModule):
                 f"data.ignore_index={data_ignore} but model.ignore_index={self.hparams.ignore_index}: "
                 "set both to the same value"
             )
-
-    def on_fit_start(self) -> None:
-        self._read_data_info()
-
-    def on_validation_start(self) -> None:
-        self._read_data_info()
-
-    def on_test_start(self) -> None:
-        self._read_data_info()
-
-    def on_predict_start(self) -> None:
-        self._read_data_info()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Write one palette PNG label map per image at its original size, in the data's own label convention

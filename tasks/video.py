@@ -49,7 +49,6 @@ class VideoClassificationModule(TaskModule):
         super().__init__(**kwargs)
         if self.backbone.spatial_dims != 3:
             raise ValueError(f"{kwargs['backbone']!r} takes images; use a video backbone (e.g. timesformer_base_patch16)")
-        self.class_names: list[str] | None = None
         self.skipped: dict[str, int] = {"train": 0, "val": 0, "test": 0}
 
     def build_head(self) -> nn.Module:
@@ -126,16 +125,6 @@ class VideoClassificationModule(TaskModule):
 
     # --- prediction ------------------------------------------------------------------------------------
 
-    def on_fit_start(self) -> None:
-        self._read_class_names()
-
-    def on_predict_start(self) -> None:
-        self._read_class_names()
-
-    def _read_class_names(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        self.class_names = list(getattr(dm, "class_names", None) or []) or None
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         for path in batch.get("skipped", ()):
             rank_zero_warn(f"no prediction for {path}: it could not be decoded")
@@ -144,12 +133,11 @@ class VideoClassificationModule(TaskModule):
         x = batch["input"]
         probs = self.view_log_probs(x).exp() if x.ndim == 6 else self(x).float().softmax(-1)
         top_p, top_i = probs.topk(min(5, self.num_classes), dim=-1)
-        names = self.class_names or [str(i) for i in range(self.num_classes)]
         return [
             {
                 "index": int(i),
                 "path": path,
-                "top5_classes": ";".join(names[c] for c in cls),
+                "top5_classes": ";".join(self.class_name(c) for c in cls),
                 "top5_probabilities": ";".join(f"{p:.6f}" for p in ps),
             }
             for i, path, cls, ps in zip(batch["index"].tolist(), batch["path"], top_i.tolist(), top_p.tolist())
