@@ -81,7 +81,7 @@ def compare(
     times: dict[str, dict[str, list[float]]] = {e.name: {"train": [], "infer": []} for e in entries}
     peak = matmul_peak()
     for step in range(warmup + steps):
-        for e in entries:
+        for e in entries if step % 2 else entries[::-1]:  # each goes first as often: no order advantage
             e.module.train()
             t = time.perf_counter()
             loss(e.forward(x), y).backward()
