@@ -106,16 +106,16 @@ class TaskModule(L.LightningModule):
             self.class_names = list(datamodule.class_names)
 
     def on_fit_start(self) -> None:
-        self.read_data_info(self.trainer.datamodule)
+        self.read_data_info(getattr(self.trainer, "datamodule", None))
 
     def on_validation_start(self) -> None:
-        self.read_data_info(self.trainer.datamodule)
+        self.read_data_info(getattr(self.trainer, "datamodule", None))
 
     def on_test_start(self) -> None:
-        self.read_data_info(self.trainer.datamodule)
+        self.read_data_info(getattr(self.trainer, "datamodule", None))
 
     def on_predict_start(self) -> None:
-        self.read_data_info(self.trainer.datamodule)
+        self.read_data_info(getattr(self.trainer, "datamodule", None))
 
     # --- what a task supplies -------------------------------------------------------------------------
 
