@@ -123,6 +123,8 @@ class MedicalSegmentationModule(TaskModule):
     Args:
         in_channels: input channels (linked from the data: 1 for CT, one per MRI sequence); sets the
             backbone's ``in_chans``. ``None`` keeps ``backbone_kwargs``.
+        class_names: names of the classes, background first (linked from the data); per-class metrics are
+            logged as ``val/dice_<name>`` (``val/dice_<index>`` without names).
         feature_size, norm_name, res_block, conv_block: the decoder (see ``UnetrDecoder``).
         lambda_dice, lambda_ce: weights of the Dice and cross-entropy terms of MONAI's ``DiceCELoss``.
         batch_dice: Dice over the whole batch rather than per crop (nnU-Net's choice), which helps small
@@ -145,6 +147,7 @@ class MedicalSegmentationModule(TaskModule):
         self,
         *,
         in_channels: int | None = None,
+        class_names: list[str] | None = None,
         feature_size: int = 16,
         norm_name: NormName = "instance",
         res_block: bool = True,
@@ -165,7 +168,9 @@ class MedicalSegmentationModule(TaskModule):
             kwargs["backbone_kwargs"] = {**(kwargs.get("backbone_kwargs") or {}), "in_chans": in_channels}
         self.decoder_args = dict(feature_size=feature_size, norm_name=norm_name, res_block=res_block, conv_block=conv_block)
         self.hd_percentile = hd_percentile
+        self.metric_class_names = class_names
         super().__init__(**kwargs)
+        self.class_names = list(class_names) if class_names else None
         self.loss = DiceCELoss(
             to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce, batch=batch_dice
         )
@@ -188,7 +193,7 @@ class MedicalSegmentationModule(TaskModule):
         )
 
     def build_metrics(self) -> MetricCollection:
-        return volume_metrics(self.num_classes, percentile=self.hd_percentile)
+        return volume_metrics(self.num_classes, percentile=self.hd_percentile, class_names=self.metric_class_names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = [f.contiguous(memory_format=self.memory_format) for f in self.backbone(x)]
@@ -274,6 +279,7 @@ class MedicalCLI(TaskCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.roi_size", "model.sw_roi_size")
 
 

@@ -11,7 +11,9 @@ never finds pulls the mean down instead of dropping out of it.
 
 from __future__ import annotations
 
+import re
 import warnings
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -119,12 +121,24 @@ class VolumeMetric(Metric):
         return per_class[self.class_index - 1] if self.class_index is not None else per_class.nanmean()
 
 
-def volume_metrics(num_classes: int, *, percentile: float = 95.0, per_class: bool = True) -> MetricCollection:
-    """``dice`` and ``hd95`` (means over classes) and, with ``per_class``, ``dice_<c>``/``hd95_<c>``."""
+def metric_suffixes(num_classes: int, class_names: Sequence[str] | None = None) -> list[str]:
+    """The foreground classes' names as metric-key suffixes (``liver``, ``left_kidney``); their indices
+    (``1``, ``2``, ...) without names, or where names are missing, repeated or would clash once cleaned."""
+    if class_names is None or len(class_names) != num_classes:
+        return [str(c) for c in range(1, num_classes)]
+    cleaned = [re.sub(r"[^0-9a-zA-Z]+", "_", str(n)).strip("_").lower() for n in class_names[1:]]
+    return cleaned if all(cleaned) and len(set(cleaned)) == len(cleaned) else [str(c) for c in range(1, num_classes)]
+
+
+def volume_metrics(
+    num_classes: int, *, percentile: float = 95.0, per_class: bool = True, class_names: Sequence[str] | None = None
+) -> MetricCollection:
+    """``dice`` and ``hd95`` (means over classes) and, with ``per_class``, ``dice_<class>``/``hd95_<class>``
+    named by ``metric_suffixes``."""
     metrics: dict[str, Metric] = {}
     for kind in ("dice", "hd95"):
         metrics[kind] = VolumeMetric(num_classes, kind=kind, percentile=percentile)
         if per_class:
-            for c in range(1, num_classes):
-                metrics[f"{kind}_{c}"] = VolumeMetric(num_classes, kind=kind, class_index=c, percentile=percentile)
+            for c, suffix in enumerate(metric_suffixes(num_classes, class_names), start=1):
+                metrics[f"{kind}_{suffix}"] = VolumeMetric(num_classes, kind=kind, class_index=c, percentile=percentile)
     return MetricCollection(metrics, compute_groups=True)

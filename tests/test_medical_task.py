@@ -15,7 +15,7 @@ from datamodules.medical import MedicalDataModule
 from datamodules.synthetic_volumes import synthetic_case, write_case, write_decathlon_folder
 from tasks.base import run_cli
 from tasks.medical import MedicalCLI, MedicalSegmentationModule
-from tasks.medical_metrics import volume_metrics, volume_scores
+from tasks.medical_metrics import metric_suffixes, volume_metrics, volume_scores
 from tasks.predict import PredictionWriter
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("unetr*.yaml"))
@@ -145,7 +145,7 @@ def test_short_fit_raises_dice(tmp_path):
     trainer.fit(module, datamodule=dm)
     after = trainer.validate(module, datamodule=dm, verbose=False)[0]
     assert after["val/dice"] > before["val/dice"] + 0.12, (before, after)
-    assert after["val/dice_1"] > 0.6, after  # the liver, the largest organ, is learnt first
+    assert after["val/dice_1"] > 0.6, after  # the liver, the largest organ, is learnt first (no names given here)
     assert after["val/hd95_1"] < before["val/hd95_1"]
 
 
@@ -169,3 +169,14 @@ def test_cli_links_mri_channels(tmp_path, monkeypatch):
     args = ["--config", str(CONFIGS[0]), "--data.synthetic_channels", "3"]
     cli = run_cli(MedicalSegmentationModule, MedicalDataModule, args=args, cli_class=MedicalCLI, run=False)
     assert cli.model.backbone.in_chans == 3 and cli.model.head.input_block.layer.conv1.conv.in_channels == 3
+    # class names come from the data too, and name the per-class metrics
+    assert cli.model.class_names == ["background", "liver", "spleen", "kidney", "aorta"]
+    assert {"dice_liver", "hd95_aorta", "dice"} <= set(cli.model.metrics["val_metrics"].keys(keep_base=True))
+
+
+def test_per_class_metric_names() -> None:
+    assert metric_suffixes(4, ["background", "Left Kidney", "IVC", "portal vein/splenic vein"]) == [
+        "left_kidney", "ivc", "portal_vein_splenic_vein"
+    ]
+    assert metric_suffixes(3, ["bg", "a", "A"]) == ["1", "2"]  # the same name twice once cleaned: indices
+    assert metric_suffixes(3, None) == metric_suffixes(3, ["bg", "a"]) == ["1", "2"]
