@@ -7,7 +7,6 @@ import signal
 from typing import Any
 
 import lightning as L
-import torch
 
 
 class KillAtStep(L.Callback):

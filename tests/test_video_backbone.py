@@ -8,7 +8,6 @@ from torch import nn
 
 from backbones import create_backbone
 from backbones.vit import VisionTransformer
-from backbones.weights import load_pretrained
 from tasks.video import VideoClassificationModule
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
