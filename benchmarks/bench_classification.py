@@ -5,14 +5,11 @@
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import timm
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Entry, compare, write_section
+from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
 from tasks.classification import ClassificationModule
 
 MODELS = {"vit_small_patch16": "vit_small_patch16_224", "vit_base_patch16": "vit_base_patch16_224"}
@@ -29,16 +26,11 @@ def run(ours: str, batch: int, size: int, steps: int, warmup: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, steps=7, warmup=2)
     parser.add_argument("--models", nargs="+", default=["vit_small_patch16"], choices=sorted(MODELS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results", type=Path, default=None, help="write the tables into this markdown file")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_bench_args(parser)
     tables = [run(m, args.batch, args.size, args.steps, args.warmup) for m in args.models]
     body = "`python -m benchmarks.bench_classification`\n\n" + "\n\n".join(tables)
     print(body)

@@ -14,21 +14,19 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNETR
 
 from backbones.unetr import convert_monai_unetr
-from benchmarks.harness import Entry, compare, write_section
+from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
 from tasks.medical import MedicalSegmentationModule
 
 SW_MODEL = dict(img_size=96, embed_dim=192, depth=4, num_heads=3, out_indices=[0, 1, 2, 3])
@@ -128,18 +126,13 @@ def sw_memory(shape: tuple[int, int, int], overlap: float, sw_batch_size: int) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = bench_parser(__doc__, steps=5, warmup=1)
     parser.add_argument("--sw-shape", type=int, nargs=3, default=[512, 512, 200])
     parser.add_argument("--sw-overlap", type=float, default=0.25)
     parser.add_argument("--sw-batch-size", type=int, default=4)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--results", type=Path, default=None, help="write the tables into this markdown file")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_bench_args(parser)
     parts = ["`python -m benchmarks.bench_medical`"]
     if not args.skip_speed:
         parts.append(speed(args.steps, args.warmup))

@@ -11,14 +11,11 @@ parameters with fewer FLOPs, so compare samples/s, and read each model's MFU aga
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Entry, compare, write_section
+from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
 from tasks.segmentation import SegmentationModule
 
 
@@ -47,16 +44,11 @@ def run(batch: int, size: int, classes: int, steps: int, warmup: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, steps=7, warmup=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--classes", type=int, default=19)
-    parser.add_argument("--steps", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results", type=Path, default=None, help="write the table into this markdown file")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_bench_args(parser)
     table = run(args.batch, args.size, args.classes, args.steps, args.warmup)
     print(table)
     if args.results:

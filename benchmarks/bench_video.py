@@ -9,7 +9,6 @@ Needs ``pip install -e ".[bench]"`` (transformers).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from benchmarks.harness import Entry, compare, write_section
+from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
 from datamodules.synthetic import draw_shape, ensure_written, textured_background
 from datamodules.synthetic_videos import write_mp4
 from datamodules.video import VideoDataModule
@@ -112,18 +111,13 @@ def train_clips_per_s(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, steps=5, warmup=2)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--loader-workers", type=int, default=2)
     parser.add_argument("--skip-loader", action="store_true", help="only the model comparison")
-    parser.add_argument("--results", type=Path, default=None, help="write the tables into this markdown file")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_bench_args(parser)
     loader_rate = None if args.skip_loader else loader_clips_per_s(workers=args.loader_workers)
     ours, theirs = build_pair(args.frames, args.size, 400)
     x = torch.randn(args.batch, 3, args.frames, args.size, args.size)

@@ -10,6 +10,7 @@ convolutions' weight gradients (it ignores ``groups``). MFU divides achieved FLO
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import platform
 import re
@@ -118,6 +119,22 @@ def compare(
             f"{fwd * r['infer'] / 1e9 / peak:.0%} | {train * r['train'] / 1e9 / peak:.0%} |"
         )
     return "\n".join(lines)
+
+
+def bench_parser(doc: str | None, *, steps: int, warmup: int) -> argparse.ArgumentParser:
+    """The options every benchmark script shares; add the script's own, then call ``parse_bench_args``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per model (medians are reported)")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps before them")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--results", type=Path, default=None, help="write the tables into this markdown file")
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def write_section(path: Path, heading: str, body: str) -> None:
