@@ -167,8 +167,6 @@ class MedicalSegmentationModule(TaskModule):
         if in_channels is not None:
             kwargs["backbone_kwargs"] = {**(kwargs.get("backbone_kwargs") or {}), "in_chans": in_channels}
         self.decoder_args = dict(feature_size=feature_size, norm_name=norm_name, res_block=res_block, conv_block=conv_block)
-        self.hd_percentile = hd_percentile
-        self.metric_class_names = class_names
         super().__init__(**kwargs)
         self.class_names = list(class_names) if class_names else None
         self.loss = DiceCELoss(
@@ -193,7 +191,8 @@ class MedicalSegmentationModule(TaskModule):
         )
 
     def build_metrics(self) -> MetricCollection:
-        return volume_metrics(self.num_classes, percentile=self.hd_percentile, class_names=self.metric_class_names)
+        hp = self.hparams  # saved by TaskModule before it builds the metrics
+        return volume_metrics(self.num_classes, percentile=hp.hd_percentile, class_names=hp.class_names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = [f.contiguous(memory_format=self.memory_format) for f in self.backbone(x)]
