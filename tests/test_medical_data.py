@@ -13,15 +13,7 @@ from datamodules.common import DataError
 from datamodules.medical import MedicalDataModule, split_folds
 from datamodules.synthetic_volumes import CLASS_NAMES, write_decathlon_folder
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small volumes load faster on one thread, and much faster on a machine whose cores are shared."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 SMALL = dict(spacing=(3.0, 3.0, 3.0), roi_size=(16, 16, 16), num_samples=2, batch_size=2, num_workers=0)

@@ -14,13 +14,7 @@ MONAI_UNETR_BASE_PARAMS = 92_802_478  # monai 1.6.1, incl. 12 unused cross-atten
 UNETR_BASE_PARAMS = 92_784_046
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a machine whose cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny_module(**kwargs) -> MedicalSegmentationModule:

@@ -22,13 +22,7 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("unetr*.yaml"))
 TINY_VIT = dict(img_size=32, embed_dim=96, depth=4, num_heads=2, out_indices=[0, 1, 2, 3])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a machine whose cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny_module(**kwargs) -> MedicalSegmentationModule:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import csv
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -23,13 +22,7 @@ TINY = {"embed_dims": (16, 32, 64, 128), "depths": (1, 1, 1, 1), "num_heads": (1
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("segformer_*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small models on shared cores: one thread, so no time is lost to threads spinning while they wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny_module(**kwargs) -> SegmentationModule:

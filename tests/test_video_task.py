@@ -111,13 +111,6 @@ def test_configs_instantiate(name: str, clip_root: Path, tmp_path: Path) -> None
     assert cli.model.backbone.spatial_dims == 3
 
 
-@pytest.fixture()
-def one_thread():
-    """Tiny models train many times faster on one thread when the two cores are shared (no spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_short_fit_on_synthetic_videos_learns_the_order(tmp_path: Path, one_thread: None) -> None:
