@@ -8,7 +8,7 @@ channels and stride up front in ``feature_info`` so heads can be built without r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -29,13 +29,51 @@ class FeatureInfo:
         return max(self.stride)
 
 
-class Backbone(nn.Module):
-    """Base class of every backbone.
+@dataclass(frozen=True)
+class AuxiliaryLoss:
+    """A training loss a module adds besides its output (a keep-ratio loss, a super-network's extra term):
+    ``value`` is unweighted; ``weight`` is the module's default, which the task's ``loss_weights`` can override."""
+
+    value: torch.Tensor
+    weight: float = 1.0
+
+
+class AuxiliaryLossSource(nn.Module):
+    """A module (backbone or head) whose forward pass can leave losses for the task's shared step.
+
+    The forward pass calls ``add_auxiliary_loss``; the step takes them with ``pop_auxiliary_losses`` right
+    after the forward pass, adds them with their weights and logs each as ``train/loss_<name>``.
+    """
+
+    def add_auxiliary_loss(self, name: str, value: torch.Tensor, weight: float = 1.0) -> None:
+        losses = self.__dict__.setdefault("_auxiliary_losses", {})
+        losses[name] = AuxiliaryLoss(value, weight)
+
+    def pop_auxiliary_losses(self) -> dict[str, AuxiliaryLoss]:
+        """The losses left by the last forward pass (of this module and its sub-modules), cleared."""
+        found: dict[str, AuxiliaryLoss] = {}
+        for module in self.modules():
+            if isinstance(module, AuxiliaryLossSource):
+                found.update(module.__dict__.pop("_auxiliary_losses", {}))
+        return found
+
+
+class Backbone(AuxiliaryLossSource):
+    """Base class of every backbone, and the one place where the hooks that loaders and tasks call are declared.
 
     Subclasses set ``feature_info`` in ``__init__`` and implement ``forward(x) -> list[Tensor]``.
     ``in_chans`` and ``spatial_dims`` describe the input. Token models (ViTs) also implement
     ``forward_tokens(x) -> [B, num_prefix_tokens + N, num_features]`` so a head can pool by class token,
     average or attention; ``default_pool`` is what a classification head uses unless told otherwise.
+
+    Optional hooks, each with a default that fits a fixed network:
+
+    - checkpoints: ``checkpoint_prefix``, ``adapt_checkpoint_tensor``, ``derive_checkpoint_tensors``
+      (called by ``backbones.weights.load_pretrained``);
+    - pooled features of the architecture's own head: ``forward_pooled`` (``has_pooled``);
+    - auxiliary losses: ``add_auxiliary_loss`` / ``pop_auxiliary_losses`` (``AuxiliaryLossSource``);
+    - dynamic networks: ``sample_subnet`` / ``set_subnet`` (``is_dynamic``), called before every training
+      step by ``tasks.run_state.DynamicChoices`` with a generator seeded from ``(seed, epoch, batch)``.
     """
 
     feature_info: list[FeatureInfo]
@@ -44,9 +82,14 @@ class Backbone(nn.Module):
     num_features: int
     num_prefix_tokens: int = 0
     default_pool: PoolType = "avg"
+    checkpoint_prefix: str = ""
+    """Prefix of this module's parameters under which checkpoint keys of the wrapped model load (``model.``
+    for a timm model kept whole)."""
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # --- tokens and pooled features ---------------------------------------------------------------------
 
     @property
     def has_tokens(self) -> bool:
@@ -55,9 +98,45 @@ class Backbone(nn.Module):
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} is not a token model; pool by 'avg' over its last feature map")
 
+    @property
+    def has_pooled(self) -> bool:
+        return type(self).forward_pooled is not Backbone.forward_pooled
+
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``[B, num_features]`` pooled by the architecture's own head (XCiT's class attention)."""
+        raise TypeError(f"{type(self).__name__} has no pooling of its own; pool by 'cls', 'avg' or 'map'")
+
     def no_weight_decay(self) -> set[str]:
         """Names of parameters, besides norms and biases, that must not be weight-decayed."""
         return set()
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+
+    def adapt_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        """Make a checkpoint tensor of another shape fit parameter ``name`` (resample a position embedding,
+        adapt input channels); ``None`` when it cannot, which the loader reports as an error naming the key."""
+        return None
+
+    def derive_checkpoint_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors this model has but the checkpoint ``state`` (our names) lacks, made from the ones it has
+        (a video model's temporal attention from an image model's spatial one)."""
+        return {}
+
+    # --- dynamic networks -------------------------------------------------------------------------------
+
+    @property
+    def is_dynamic(self) -> bool:
+        return type(self).sample_subnet is not Backbone.sample_subnet
+
+    def sample_subnet(self, generator: torch.Generator) -> Any:
+        """Draw the dynamic choices of the next training step (a sub-network) from ``generator`` alone, so
+        every process and a resumed run draw the same ones; a fixed network has none (``None``)."""
+        return None
+
+    def set_subnet(self, config: Any) -> None:
+        """Make ``config`` (from ``sample_subnet``, or ``None`` for the full network) the active sub-network."""
+        if config is not None:
+            raise TypeError(f"{type(self).__name__} is a fixed network; it has no sub-network {config!r}")
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming the expected layout when ``x`` does not fit this backbone."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import build_preset, register
+from .registry import build_preset, register
 from .base import Backbone, FeatureInfo
 from .layers import DropPath
 

@@ -62,5 +62,5 @@ class TimmBackbone(Backbone):
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
     def no_weight_decay(self) -> set[str]:
-        names = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
+        names = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()  # timm's own duck-typing
         return {f"model.{n}" for n in names}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from . import build_preset, register
+from .registry import build_preset, register
 from .vit import VisionTransformer
 from .weights import StateDict, register_format
 

@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from . import build_preset, register
+from .registry import build_preset, register
 from .base import Backbone, FeatureInfo
 from .layers import Block, PatchEmbed, resample_pos_embed, to_tuple
 from .video_blocks import DividedSpaceTimeBlock, VideoAttention, frames_to_clip

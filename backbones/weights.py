@@ -1,8 +1,10 @@
 """Read checkpoint files, recognise their format, map their key names onto ours, load with a report.
 
 Every format converter returns a state dict in one namespace: ``backbone.<our name>`` for encoder
-weights and ``head.<our name>`` for task heads (classifier, decoder). ``load_pretrained`` puts it into
-either a bare backbone (heads are skipped) or a task network with ``.backbone`` and ``.head``.
+weights, ``head.<our name>`` for a classifier, and ``foreign.<the file's own name>`` for the rest of a full
+model (a decoder). The key maps of task heads live with the heads in ``tasks/`` and are registered per
+format with ``register_head_map``; they turn ``foreign.`` keys into ``head.`` ones. ``load_pretrained`` puts
+the result into either a bare backbone (heads are skipped) or a task network with ``.backbone`` and ``.head``.
 Tensors whose shapes differ are handed to the owning module's ``adapt_checkpoint_tensor`` (position
 embeddings are resampled, input channels adapted, 2-D kernels inflated); what still does not fit raises.
 """
@@ -33,11 +35,18 @@ class CheckpointFormat:
 
 
 _FORMATS: list[CheckpointFormat] = []
+_HEAD_MAPS: dict[str, Callable[[StateDict], StateDict]] = {}
 
 
 def register_format(name: str, detect: Callable[..., bool], convert: Callable[[StateDict], StateDict]) -> None:
     """Add a checkpoint format; formats registered later are tried first."""
     _FORMATS.insert(0, CheckpointFormat(name, detect, convert))
+
+
+def register_head_map(format_name: str, convert: Callable[[StateDict], StateDict]) -> None:
+    """Map the ``foreign.`` keys of format ``format_name`` (names without the prefix) onto a task head's names
+    (without ``head.``); keys it leaves out are reported as unexpected."""
+    _HEAD_MAPS[format_name] = convert
 
 
 @dataclass
@@ -113,17 +122,26 @@ def load_pretrained(target: nn.Module, path: str | Path, *, load_head: bool = Tr
     Head tensors whose shape differs from ours (another number of classes) are skipped, as in
     fine-tuning; a backbone tensor that cannot be adapted raises a ValueError naming the key.
     """
+    from .base import Backbone
+
     state = read_checkpoint(path)
     fmt = detect_format(state)
     converted = fmt.convert(state)
-    is_task = hasattr(target, "backbone") and hasattr(target, "head")
+    backbone = target if isinstance(target, Backbone) else target.backbone
+    is_task = backbone is not target
     report = LoadReport(path=str(path), format=fmt.name)
-    derive = getattr(target.backbone if is_task else target, "derive_checkpoint_tensors", None)
-    if derive is not None:  # e.g. a video ViT's temporal attention initialised from an image ViT's spatial one
-        local = {k.removeprefix("backbone."): v for k, v in converted.items() if k.startswith("backbone.")}
-        derived = {f"backbone.{k}": v for k, v in derive(local).items()}
-        converted.update(derived)
-        report.adapted.extend(f"{k} (derived)" for k in derived)
+    foreign = {k.removeprefix("foreign."): v for k, v in converted.items() if k.startswith("foreign.")}
+    converted = {k: v for k, v in converted.items() if not k.startswith("foreign.")}
+    if foreign and fmt.name in _HEAD_MAPS:
+        converted.update({f"head.{k}": v for k, v in _HEAD_MAPS[fmt.name](foreign).items()})
+    elif foreign:
+        where = report.unexpected if is_task else report.skipped
+        where.extend(f"{k} (no head key map for format {fmt.name})" for k in foreign)
+    # e.g. a video ViT's temporal attention initialised from an image ViT's spatial one
+    local = {k.removeprefix("backbone."): v for k, v in converted.items() if k.startswith("backbone.")}
+    derived = {f"backbone.{k}": v for k, v in backbone.derive_checkpoint_tensors(local).items()}
+    converted.update(derived)
+    report.adapted.extend(f"{k} (derived)" for k in derived)
     ours = target.state_dict()
     to_load: StateDict = {}
     for key, tensor in converted.items():
@@ -132,7 +150,7 @@ def load_pretrained(target: nn.Module, path: str | Path, *, load_head: bool = Tr
             report.skipped.append(key)
             continue
         if part == "backbone":  # a wrapper backbone (timm:) keeps the foreign model under a prefix
-            key_local = getattr(target.backbone if is_task else target, "checkpoint_prefix", "") + key[len("backbone."):]
+            key_local = backbone.checkpoint_prefix + key[len("backbone."):]
             name = f"backbone.{key_local}" if is_task else key_local
         else:
             name = key
@@ -143,9 +161,7 @@ def load_pretrained(target: nn.Module, path: str | Path, *, load_head: bool = Tr
             if part == "head":
                 report.skipped.append(f"{key} (checkpoint {tuple(tensor.shape)}, model {tuple(ours[name].shape)})")
                 continue
-            owner = target.backbone if is_task else target
-            local = name.removeprefix("backbone.")
-            adapted = owner.adapt_checkpoint_tensor(local, tensor) if hasattr(owner, "adapt_checkpoint_tensor") else None
+            adapted = backbone.adapt_checkpoint_tensor(name.removeprefix("backbone."), tensor)
             if adapted is None or adapted.shape != ours[name].shape:
                 raise ValueError(
                     f"checkpoint {path}: tensor {key!r} has shape {tuple(tensor.shape)} but the model's "

@@ -118,6 +118,13 @@ class TaskDataModule(L.LightningDataModule):
     def data_root(self) -> Path:
         return self.root if self.root is not None else self.synthetic_root()
 
+    def write_prediction(self, row: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+        """Write what a model predicted for one input in this data's own format (a palette PNG mask, a NIfTI
+        volume in the scan's grid) under ``output_dir`` and return the row for ``predictions.csv``, with the
+        written file's path in place of the array. Called by the prediction writer for every row of
+        ``predict_step``; rows that hold no array (class scores) pass through."""
+        return row
+
     def split_batch_size(self, split: str) -> int:
         return self.hparams.batch_size
 

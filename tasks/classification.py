@@ -106,7 +106,7 @@ class ClassificationModule(TaskModule):
 
     def build_head(self) -> nn.Module:
         pool = self.pool or self.backbone.default_pool
-        if pool == "native" and not hasattr(self.backbone, "forward_pooled"):
+        if pool == "native" and not self.backbone.has_pooled:
             raise ValueError(f"pool='native' needs a timm backbone; {type(self.backbone).__name__} pools by cls/avg/map")
         if pool == "cls" and not self.backbone.has_tokens:
             raise ValueError("pool='cls' needs a token backbone (a ViT); use 'avg', 'map' or 'native'")

@@ -36,9 +36,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 class PredictionWriter(BasePredictionWriter):
     """Collect the rows that the module's ``predict_step`` returns and write ``<output_dir>/predictions.csv``.
 
-    Tasks that produce a file per input (masks, volumes) write them inside ``predict_step`` through
-    ``output_dir`` and return one row per file. Under several processes each rank writes its own part,
-    and rank 0 merges them in input order, so every prediction is written exactly once.
+    Tasks that produce an array per input (masks, volumes) return it in the row; the DataModule's
+    ``write_prediction`` writes it in the data's own format under ``output_dir`` and gives back the row with
+    the file's path. Under several processes each rank writes its own part, and rank 0 merges them in input
+    order, so every prediction is written exactly once.
 
     Args:
         output_dir: folder for ``predictions.csv`` and per-sample outputs.
@@ -57,6 +58,11 @@ class PredictionWriter(BasePredictionWriter):
         self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, batch_indices: Sequence[int] | None,
         batch: Any, batch_idx: int, dataloader_idx: int,
     ) -> None:
+        from datamodules.common import TaskDataModule
+
+        datamodule = trainer.datamodule
+        if isinstance(datamodule, TaskDataModule):
+            prediction = [datamodule.write_prediction(row, self.output_dir) for row in prediction]
         self.rows.extend(prediction)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
