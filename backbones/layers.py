@@ -53,7 +53,12 @@ class LayerScale(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over ``[B, N, C]`` tokens."""
+    """Multi-head self-attention over ``[B, N, C]`` tokens.
+
+    ``forward(x, policy)`` takes an optional token-keep state for token pruning (DynamicViT, Rao et al.,
+    2021): ``policy`` ``[B, N, 1]`` or ``[B, N]`` holds 1 for kept and 0 for dropped tokens, and attention
+    then ignores dropped keys (see ``softmax_with_policy``), so a dropped token influences only itself.
+    """
 
     def __init__(
         self, dim: int, num_heads: int, *, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
@@ -67,10 +72,36 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if policy is None:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:
+            attn = softmax_with_policy((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, policy)  # [B, H, N, N] fp32
+            x = F.dropout(attn, dropout_p, training=self.training).to(v.dtype) @ v
         return self.proj_drop(self.proj(rearrange(x, "b h n d -> b n (h d)")))
+
+
+def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """DynamicViT's softmax over keys ``[B, H, N, N]`` that only the kept keys enter, in float32.
+
+    ``policy`` ``[B, N, 1]`` or ``[B, N]`` weights each key (1 kept, 0 dropped). Each token still attends
+    to itself (the diagonal is always kept), so a dropped token's row stays a distribution. ``eps``, spread
+    evenly over the N keys, keeps the row sums away from zero as the release does for stable training;
+    dropped keys thus keep a weight of about ``eps / N``.
+    """
+    n = logits.shape[-1]
+    if policy.shape[:2] != (logits.shape[0], n) or policy[0].numel() != n:
+        raise ValueError(
+            f"policy must have shape [B, N, 1] or [B, N] with B={logits.shape[0]}, N={n}; got {tuple(policy.shape)}"
+        )
+    keep = policy.reshape(-1, 1, 1, n).float()  # keys of each row: [B, 1, 1, N]
+    eye = torch.eye(n, dtype=keep.dtype, device=keep.device)
+    keep = keep + (1.0 - keep) * eye  # [B, 1, N, N]
+    logits = logits.float()
+    attn = (logits - logits.amax(-1, keepdim=True)).exp() * keep
+    return (attn + eps / n) / (attn.sum(-1, keepdim=True) + eps)
 
 
 class Mlp(nn.Module):
@@ -99,7 +130,8 @@ class Block(nn.Module):
         qkv_bias: bias on the query/key/value projection.
         drop_path: stochastic-depth rate of both residual branches.
         init_values: LayerScale initial value; ``None`` disables LayerScale.
-        norm_layer, act_layer, attn_layer: the parts, passed as classes so a variant swaps one.
+        norm_layer, act_layer, attn_layer: the parts, passed as classes so a variant swaps one; an
+            ``attn_layer`` is called as ``Attention`` is, ``attn(x, policy)``.
     """
 
     def __init__(
@@ -127,8 +159,9 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        """``policy``: optional token-keep state ``[B, N, 1]`` (1 kept, 0 dropped) for the attention."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), policy)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 

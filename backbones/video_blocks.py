@@ -13,18 +13,20 @@ import torch
 from einops import rearrange, reduce, repeat
 from torch import nn
 
-from .layers import Attention, DropPath, Mlp
+from .layers import Attention, Block
 
 VideoAttention = Literal["joint", "divided", "space_only"]
 
 
-class DividedSpaceTimeBlock(nn.Module):
+class DividedSpaceTimeBlock(Block):
     """TimeSformer block: temporal attention, then spatial attention, then the MLP, each pre-norm residual.
 
-    Temporal attention runs over the frames of each patch position (prefix tokens take no part); its
-    output passes ``temporal_fc`` before joining the residual stream. ``temporal_fc`` starts at zero, so a
-    block inflated from an image ViT begins as that image block. Spatial attention runs per frame with the
-    prefix (class) token copied into every frame; the copies' updates are averaged over frames.
+    A ``Block`` (its ``norm1``, ``attn``, ``norm2``, ``mlp`` serve the spatial attention and the MLP) with a
+    temporal branch in front: ``temporal_norm1``, ``temporal_attn`` and ``temporal_fc``. Temporal attention
+    runs over the frames of each patch position (prefix tokens take no part); its output passes
+    ``temporal_fc`` before joining the residual stream. ``temporal_fc`` starts at zero, so a block inflated
+    from an image ViT begins as that image block. Spatial attention runs per frame with the prefix (class)
+    tokens copied into every frame; the copies' updates are averaged over frames.
 
     Args:
         dim: token width.
@@ -33,7 +35,7 @@ class DividedSpaceTimeBlock(nn.Module):
         qkv_bias: bias on the query/key/value projections.
         proj_drop, attn_drop: dropout after projections and inside attention.
         drop_path: stochastic-depth rate of the three residual branches.
-        num_prefix_tokens: leading non-patch tokens (0 or 1).
+        num_prefix_tokens: leading non-patch tokens (class and distillation tokens).
         norm_layer, act_layer, attn_layer: the parts, passed as classes.
     """
 
@@ -52,42 +54,63 @@ class DividedSpaceTimeBlock(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
         attn_layer: type[nn.Module] = Attention,
     ) -> None:
-        super().__init__()
-        if num_prefix_tokens not in (0, 1):
-            raise ValueError(f"num_prefix_tokens must be 0 or 1, got {num_prefix_tokens}")
+        if num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+        super().__init__(
+            dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop,
+            drop_path=drop_path, norm_layer=norm_layer, act_layer=act_layer, attn_layer=attn_layer,
+        )
         self.num_prefix_tokens = num_prefix_tokens
         self.temporal_norm1 = norm_layer(dim)
         self.temporal_attn = attn_layer(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.temporal_fc = nn.Linear(dim, dim)
-        self.norm1 = norm_layer(dim)
-        self.attn = attn_layer(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.drop_path = DropPath(drop_path)
 
     def reset_temporal(self) -> None:
         """Zero ``temporal_fc`` so the block starts as a spatial-only (image) block."""
         nn.init.zeros_(self.temporal_fc.weight)
         nn.init.zeros_(self.temporal_fc.bias)
 
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, num_frames: int, policy: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x``: time-major tokens ``[B, prefix + T*N, C]``; ``policy``: optional token-keep state
+        ``[B, prefix + T*N, 1]`` (1 kept, 0 dropped), applied to the keys of both attentions."""
         p, t = self.num_prefix_tokens, num_frames
+        keep_time, keep_space = self._split_policy(x, t, policy)
         prefix, patches = x[:, :p], x[:, p:]
         xt = rearrange(self.temporal_norm1(patches), "b (t n) c -> (b n) t c", t=t)
-        res = self.temporal_fc(self.temporal_attn(xt))  # per token, so before folding back (contiguous: faster)
-        patches = patches + self.drop_path(rearrange(res, "(b n) t c -> b (t n) c", b=x.shape[0]))
+        res = self.temporal_fc(self.temporal_attn(xt, keep_time))  # per token, so before folding back (faster)
+        patches = patches + self.drop_path1(rearrange(res, "(b n) t c -> b (t n) c", b=x.shape[0]))
 
         xs = rearrange(patches, "b (t n) c -> (b t) n c", t=t)
         if p:
             xs = torch.cat([repeat(prefix, "b p c -> (b t) p c", t=t), xs], dim=1)
-        res = self.drop_path(self.attn(self.norm1(xs)))  # [(B T), p + N, C]
+        res = self.drop_path1(self.ls1(self.attn(self.norm1(xs), keep_space)))  # [(B T), p + N, C]
         res_patches = rearrange(res[:, p:], "(b t) n c -> b (t n) c", t=t)
         if p:
             res_prefix = reduce(res[:, :p], "(b t) p c -> b p c", "mean", t=t)
             x = torch.cat([prefix + res_prefix, patches + res_patches], dim=1)
         else:
             x = patches + res_patches
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def _split_policy(
+        self, x: torch.Tensor, num_frames: int, policy: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The keep state of the patch tokens per patch position over time ``[(B N), T]`` and per frame with
+        the prefix tokens (always kept) in front ``[(B T), prefix + N]``."""
+        if policy is None:
+            return None, None
+        if policy.shape[:2] != x.shape[:2] or policy[0].numel() != x.shape[1]:
+            raise ValueError(
+                f"policy must have shape [B, N, 1] or [B, N] for tokens {tuple(x.shape)}, got {tuple(policy.shape)}"
+            )
+        p = self.num_prefix_tokens
+        keep = policy.reshape(x.shape[:2])[:, p:]  # [B, T*N]
+        keep_time = rearrange(keep, "b (t n) -> (b n) t", t=num_frames)
+        keep_space = rearrange(keep, "b (t n) -> (b t) n", t=num_frames)
+        keep_space = torch.cat([keep_space.new_ones(keep_space.shape[0], p), keep_space], dim=1)
+        return keep_time, keep_space
 
 
 def frames_to_clip(x: torch.Tensor, num_frames: int, num_prefix_tokens: int) -> torch.Tensor:

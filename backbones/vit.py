@@ -252,9 +252,13 @@ class VisionTransformer(Backbone):
             x = torch.cat([(self.cls_token + pos[:, :p]).expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x), grid
 
-    def run_block(self, index: int, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    def run_block(
+        self, index: int, x: torch.Tensor, grid: Sequence[int], policy: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Block ``index`` on the tokens from ``embed``; ``policy`` is an optional token-keep state
+        ``[B, tokens, 1]`` (1 kept, 0 dropped; prefix tokens 1) for token pruning (DynamicViT)."""
         block = self.blocks[index]
-        return block(x, grid[0]) if self.attention == "divided" else block(x)
+        return block(x, grid[0], policy) if self.attention == "divided" else block(x, policy)
 
     def clip_tokens(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
         """Block outputs as one sequence per sample (folds space-only frames back into clips)."""
