@@ -36,6 +36,9 @@ class VisionTransformer(Backbone):
         in_chans: input channels.
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the transformer's size.
         class_token: prepend a learned class token (``False`` for UNETR-style encoders).
+        distilled: also prepend DeiT's learned distillation token (Touvron et al., 2021) after the class
+            token, so there are two prefix tokens; a distilled classification head reads both. Needs
+            ``class_token``.
         spatial_dims: 2 for images, 3 for volumes.
         out_indices: block indices whose outputs ``forward`` returns, shallow to deep; negative counts
             from the end. Defaults to the last block.
@@ -67,6 +70,7 @@ class VisionTransformer(Backbone):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         class_token: bool = True,
+        distilled: bool = False,
         spatial_dims: Literal[2, 3] = 2,
         out_indices: Sequence[int] | None = None,
         drop_rate: float = 0.0,
@@ -89,6 +93,8 @@ class VisionTransformer(Backbone):
             raise ValueError(f"a video model (num_frames={num_frames}) needs spatial_dims=3, got {spatial_dims}")
         if not self.video and attention != "joint":
             raise ValueError(f"attention={attention!r} needs a video model: set num_frames")
+        if distilled and not class_token:
+            raise ValueError("distilled=True puts a distillation token after the class token; set class_token=True")
         if attention == "divided" and init_values:
             raise ValueError("LayerScale (init_values) is not supported with divided attention")
         self.attention = attention
@@ -96,7 +102,8 @@ class VisionTransformer(Backbone):
         self.spatial_dims = spatial_dims
         self.in_chans = in_chans
         self.num_features = self.embed_dim = embed_dim
-        self.num_prefix_tokens = int(class_token)
+        self.distilled = distilled
+        self.num_prefix_tokens = int(class_token) + int(distilled)
         self.default_pool = "cls" if class_token else "avg"
         if self.video and isinstance(patch_size, int):
             patch_size = (1, patch_size, patch_size)
@@ -113,6 +120,7 @@ class VisionTransformer(Backbone):
             self.img_size = to_tuple(img_size, spatial_dims, "img_size")
         self.grid = self.patch_embed.grid(self.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.pos_grid = self.grid[1:] if self.video else self.grid  # what pos_embed covers
         num_pos = self.num_prefix_tokens + math.prod(self.pos_grid)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
@@ -148,9 +156,12 @@ class VisionTransformer(Backbone):
     def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.time_embed is not None:
-            nn.init.trunc_normal_(self.time_embed, std=self.time_embed_std, a=-2 * self.time_embed_std, b=2 * self.time_embed_std)
+            std = self.time_embed_std
+            nn.init.trunc_normal_(self.time_embed, std=std, a=-2 * std, b=2 * std)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -188,10 +199,12 @@ class VisionTransformer(Backbone):
         return derived
 
     def _adapt_pos_embed(self, pos: torch.Tensor) -> torch.Tensor | None:
-        ours = self.pos_embed.shape[1] - self.num_prefix_tokens
-        grid_tokens = pos.shape[1]
-        for prefix in (self.num_prefix_tokens, 1 - self.num_prefix_tokens):
-            n = grid_tokens - prefix
+        """A checkpoint's position embedding with 0, 1 or 2 prefix slots (class, distillation token) on our
+        grid: the slots we share are copied in order, ours it lacks start at zero, extra ones are dropped."""
+        p = self.num_prefix_tokens
+        ours = self.pos_embed.shape[1] - p
+        for prefix in dict.fromkeys((p, 0, 1, 2)):  # our own prefix count first
+            n = pos.shape[1] - prefix
             if n <= 0:
                 continue
             side3, side2 = round(n ** (1 / 3)), math.isqrt(n)
@@ -205,10 +218,8 @@ class VisionTransformer(Backbone):
                 continue
             if grid.shape[1] != ours:
                 return None
-            if self.num_prefix_tokens == 0:
-                return grid
-            cls = pos[:, :1] if prefix else torch.zeros_like(pos[:, :1])
-            return torch.cat([cls, grid], dim=1)
+            shared = pos[:, : min(prefix, p)]
+            return torch.cat([shared, pos.new_zeros(1, p - shared.shape[1], pos.shape[2]), grid], dim=1)
         return None
 
     def _adapt_patch_kernel(self, weight: torch.Tensor) -> torch.Tensor | None:
@@ -230,7 +241,7 @@ class VisionTransformer(Backbone):
         return weight
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "time_embed"}
+        return {"pos_embed", "cls_token", "dist_token", "time_embed"}
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Patch tokens with prefix tokens and position embeddings: ``[B, prefix + N, C]`` and the grid.
@@ -248,8 +259,9 @@ class VisionTransformer(Backbone):
             pos = pos[:, :p]
         else:
             x = x + pos[:, p:]
-        if self.cls_token is not None:
-            x = torch.cat([(self.cls_token + pos[:, :p]).expand(x.shape[0], -1, -1), x], dim=1)
+        if p:
+            prefix = self.cls_token if self.dist_token is None else torch.cat([self.cls_token, self.dist_token], 1)
+            x = torch.cat([(prefix + pos[:, :p]).expand(x.shape[0], -1, -1), x], dim=1)  # [B, p + N, C]
         return self.pos_drop(x), grid
 
     def run_block(

@@ -203,11 +203,14 @@ def _is_timm_vit(state: Mapping[str, torch.Tensor]) -> bool:
 
 
 def _convert_timm_vit(state: StateDict) -> StateDict:
-    """timm's ``VisionTransformer``: our ViT uses its names; its classifier maps onto our head."""
+    """timm's ``VisionTransformer`` (and DeiT's ``VisionTransformerDistilled``): our ViT uses its names
+    (``dist_token`` included); its classifier maps onto our head, DeiT's ``head_dist`` onto ``fc_dist``."""
     out: StateDict = {}
     for key, value in state.items():
         if key.startswith("head."):
             out["head.fc." + key.removeprefix("head.")] = value
+        elif key.startswith("head_dist."):
+            out["head.fc_dist." + key.removeprefix("head_dist.")] = value
         elif key.startswith(("attn_pool.", "fc_norm.")):
             out["head." + key] = value
         else:
