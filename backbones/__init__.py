@@ -8,5 +8,6 @@ from .registry import build_preset, create_backbone, list_backbones, register
 from . import vit  # noqa: E402,F401  (registers the presets)
 from . import unetr  # noqa: E402,F401  (UNETR encoder preset, MONAI checkpoint format)
 from . import mix_transformer  # noqa: E402,F401
+from . import vit_resnas  # noqa: E402,F401  (ViT-ResNAS presets, release checkpoint format)
 
 __all__ = ["Backbone", "FeatureInfo", "build_preset", "create_backbone", "list_backbones", "register"]
