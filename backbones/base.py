@@ -82,6 +82,8 @@ class Backbone(AuxiliaryLossSource):
     num_features: int
     num_prefix_tokens: int = 0
     default_pool: PoolType = "avg"
+    distilled: bool = False
+    """A token model whose second prefix token is DeiT's distillation token (read by heads at position 1)."""
     checkpoint_prefix: str = ""
     """Prefix of this module's parameters under which checkpoint keys of the wrapped model load (``model.``
     for a timm model kept whole)."""

@@ -1,7 +1,7 @@
 """Checkpoints a crash cannot spoil: ``last.ckpt`` rewritten on an interval, each write atomic.
 
 ``fit --ckpt_path last`` then resumes where the file left off; together with the seeded, resumable training
-loader (``datamodules/sampling.py``) and the step-keyed random state of ``TaskModule``, a resumed run ends with
+loader (``datamodules/sampling.py``) and the run-state callbacks (``run_state.py``), a resumed run ends with
 the same weights as an uninterrupted one.
 """
 
@@ -17,7 +17,6 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from torchmetrics import Metric
 
 from .predict import atomic_write
 
@@ -85,33 +84,3 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-def global_metric_states(metrics: dict[str, Metric]) -> dict[str, dict[str, Any]]:
-    """Each metric's accumulated states reduced over all processes (a collective: every rank must call it)."""
-    states: dict[str, dict[str, Any]] = {}
-    for name, metric in metrics.items():
-        with metric.sync_context(should_unsync=True):
-            states[name] = {k: _detached(v) for k, v in metric.metric_state.items()}
-    return states
-
-
-def restore_metric_states(metrics: dict[str, Metric], states: dict[str, dict[str, Any]], *, holder: bool) -> None:
-    """Put states saved by ``global_metric_states`` back: the ``holder`` process gets the global accumulations,
-    the others start empty, so the next reduction over processes counts every sample once."""
-    for name, metric in metrics.items():
-        metric.reset()
-        if not holder or name not in states:
-            continue
-        defaults = metric.metric_state
-        for key, value in states[name].items():
-            value = _detached(value, metric.device)
-            if isinstance(defaults[key], list) and isinstance(value, torch.Tensor):
-                value = [value]  # a concatenated ("cat") state is a list of tensors
-            setattr(metric, key, value)
-
-
-def _detached(value: Any, device: torch.device | str = "cpu") -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(device, copy=True)
-    return [_detached(v, device) for v in value] if isinstance(value, list) else value

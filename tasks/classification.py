@@ -10,14 +10,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
+from lightning.pytorch.utilities import rank_zero_warn
 from timm.layers import AttentionPoolLatent
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from backbones.base import PoolType
+from backbones import Backbone, create_backbone
+from backbones.base import AuxiliaryLoss, PoolType
 
-from .base import Stage, TaskModule, run_cli
+from .cli import run_cli
+from .distillation import DistillationKind, FrozenTeacher, distillation_loss
+from .module import Stage, TaskModule
 
 
 class ClassificationHead(nn.Module):
@@ -32,6 +36,8 @@ class ClassificationHead(nn.Module):
         num_prefix_tokens: leading non-patch tokens (class token) in the token sequence.
         num_heads: heads of the ``map`` pooling.
         drop_rate: dropout before the classifier.
+        distilled: a second classifier ``fc_dist`` on the distillation token (DeiT; token 1, ``pool='cls'``);
+            ``forward`` averages the two classifiers' logits, ``forward_both`` returns them apart.
     """
 
     def __init__(
@@ -43,17 +49,24 @@ class ClassificationHead(nn.Module):
         num_prefix_tokens: int = 1,
         num_heads: int = 8,
         drop_rate: float = 0.0,
+        distilled: bool = False,
     ) -> None:
         super().__init__()
         if pool == "cls" and num_prefix_tokens == 0:
             raise ValueError("pool='cls' needs a backbone with a class token; use 'avg' or 'map'")
+        if distilled and (pool != "cls" or num_prefix_tokens < 2):
+            raise ValueError("a distilled head reads the class and distillation tokens: pool='cls', 2 prefix tokens")
         self.pool = pool
         self.num_prefix_tokens = num_prefix_tokens
         self.attn_pool = AttentionPoolLatent(in_features, num_heads=num_heads) if pool == "map" else None
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(in_features, num_classes)
+        self.fc_dist = nn.Linear(in_features, num_classes) if distilled else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.fc_dist is not None:
+            logits, dist = self.forward_both(features)
+            return (logits + dist) / 2
         if self.pool == "native":
             x = features  # [B, C]
         elif self.pool == "cls":
@@ -64,9 +77,78 @@ class ClassificationHead(nn.Module):
             x = self.attn_pool(features[:, self.num_prefix_tokens :])
         return self.fc(self.drop(x))
 
+    def forward_both(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the class-token and distillation-token classifiers, ``([B, K], [B, K])``."""
+        if self.fc_dist is None:
+            raise TypeError("forward_both needs a head built with distilled=True")
+        return self.fc(self.drop(features[:, 0])), self.fc_dist(self.drop(features[:, 1]))
+
+
+def pooled_features(backbone: Backbone, pool: PoolType, x: torch.Tensor) -> torch.Tensor:
+    """What a ``ClassificationHead`` with ``pool`` takes: the backbone's own pooled features (``native``), its
+    tokens (a token model), or its last map as tokens ``[B, HW, C]``."""
+    if pool == "native":
+        return backbone.forward_pooled(x)
+    if backbone.has_tokens:
+        return backbone.forward_tokens(x)
+    return backbone(x)[-1].flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
+
+
+class Classifier(nn.Module):
+    """A backbone with a ``ClassificationHead``: the network of ``ClassificationModule``, and of a teacher."""
+
+    def __init__(self, backbone: Backbone, head: ClassificationHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled_features(self.backbone, self.head.pool, x))
+
+
+def classification_head(
+    backbone: Backbone, num_classes: int, pool: PoolType | None, drop_rate: float = 0.0
+) -> ClassificationHead:
+    """The head for ``backbone``: its default pooling unless told, checked against what it can do."""
+    pool = pool or backbone.default_pool
+    if pool == "native" and not backbone.has_pooled:
+        raise ValueError(f"pool='native' needs a timm backbone; {type(backbone).__name__} pools by cls/avg/map")
+    if pool == "cls" and not backbone.has_tokens:
+        raise ValueError("pool='cls' needs a token backbone (a ViT); use 'avg', 'map' or 'native'")
+    return ClassificationHead(
+        backbone.num_features, num_classes, pool=pool, num_prefix_tokens=backbone.num_prefix_tokens,
+        drop_rate=drop_rate, distilled=backbone.distilled and pool == "cls",
+    )
+
+
+def build_teacher(name: str, *, num_classes: int, pretrained: str | None, kwargs: dict[str, Any] | None) -> FrozenTeacher:
+    """The teacher network: a ``Classifier`` over one of our backbones (any file ``load_pretrained`` reads, our
+    checkpoints included), or for ``timm:<name>`` with a timm file the whole timm model with its classifier."""
+    from backbones.weights import detect_format, load_pretrained, read_checkpoint
+
+    state = read_checkpoint(pretrained) if pretrained else None
+    ours = state is not None and detect_format(state).name == "vision-suite"
+    if name.startswith("timm:") and not ours:
+        import timm
+
+        network: nn.Module = timm.create_model(name.removeprefix("timm:"), num_classes=num_classes, **(kwargs or {}))
+        if state is not None:
+            try:
+                network.load_state_dict(state)
+            except RuntimeError as err:
+                raise ValueError(f"teacher checkpoint {pretrained} does not fit timm model {name!r}: {err}") from err
+    else:
+        backbone = create_backbone(name, **(kwargs or {}))
+        network = Classifier(backbone, classification_head(backbone, num_classes, None))
+        if pretrained:
+            load_pretrained(network, pretrained)
+    if not pretrained:
+        rank_zero_warn(f"the teacher {name!r} has no teacher_pretrained file: it distils its random initial weights")
+    return FrozenTeacher(network)
+
 
 class ClassificationModule(TaskModule):
-    """Image classifier: backbone, pooling head, cross-entropy with label smoothing, optional mixup/cutmix.
+    """Image classifier: backbone, pooling head, cross-entropy with label smoothing, optional mixup/cutmix and
+    knowledge distillation from a frozen teacher (DeiT).
 
     Args:
         pool: head pooling (see ``ClassificationHead``); ``None`` takes the backbone's default
@@ -75,6 +157,16 @@ class ClassificationModule(TaskModule):
         label_smoothing: cross-entropy label smoothing (ignored under mixup, which smooths itself).
         mixup_alpha, cutmix_alpha: Beta parameters of timm's Mixup/CutMix; 0 disables each.
         mixup_prob, mixup_switch_prob: chance to apply either, and to pick cutmix when both are on.
+        teacher: backbone name (a preset or ``timm:<name>``) of a frozen teacher; ``None``: no distillation.
+        teacher_kwargs: overrides of the teacher's preset (``img_size``...).
+        teacher_pretrained: the teacher's weights: any file the loader reads, a checkpoint of ours, or for
+            ``timm:`` names a timm state dict with its classifier. Only the name and file are saved with our
+            checkpoints, never the teacher's weights.
+        distillation: ``soft`` (KL at temperature ``distillation_tau``) or ``hard`` (the teacher's argmax as
+            label, DeiT's choice); with a distillation token (``backbone_kwargs: {distilled: true}``) the term
+            applies to the distillation head and the class head keeps the true labels.
+        distillation_alpha: the objective is ``(1 - alpha) * task loss + alpha * distillation loss``.
+        distillation_tau: temperature of ``soft`` distillation.
         **kwargs: backbone, data link and optimisation recipe of ``TaskModule``.
     """
 
@@ -88,11 +180,22 @@ class ClassificationModule(TaskModule):
         cutmix_alpha: float = 0.0,
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
+        teacher: str | None = None,
+        teacher_kwargs: dict[str, Any] | None = None,
+        teacher_pretrained: str | None = None,
+        distillation: DistillationKind = "none",
+        distillation_alpha: float = 0.5,
+        distillation_tau: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        self.pool = pool
-        self.head_drop_rate = head_drop_rate
         super().__init__(**kwargs)
+        if (teacher is None) != (distillation == "none"):
+            raise ValueError(
+                f"teacher={teacher!r} with distillation={distillation!r}: a teacher needs distillation 'soft' or "
+                "'hard', and distillation needs a teacher"
+            )
+        if not 0.0 <= distillation_alpha <= 1.0 or distillation_tau <= 0:
+            raise ValueError(f"need 0 <= distillation_alpha <= 1 and distillation_tau > 0, got {distillation_alpha}, {distillation_tau}")
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             self.mixup = Mixup(
@@ -103,32 +206,41 @@ class ClassificationModule(TaskModule):
                 label_smoothing=label_smoothing,
                 num_classes=self.num_classes,
             )
+        self.teacher = None
+        if teacher is not None:
+            self.teacher = build_teacher(teacher, num_classes=self.num_classes, pretrained=teacher_pretrained, kwargs=teacher_kwargs)
+        self._distillation_logits: torch.Tensor | None = None
 
     def build_head(self) -> nn.Module:
-        pool = self.pool or self.backbone.default_pool
-        if pool == "native" and not self.backbone.has_pooled:
-            raise ValueError(f"pool='native' needs a timm backbone; {type(self.backbone).__name__} pools by cls/avg/map")
-        if pool == "cls" and not self.backbone.has_tokens:
-            raise ValueError("pool='cls' needs a token backbone (a ViT); use 'avg', 'map' or 'native'")
-        self.pool = pool
-        return ClassificationHead(
-            self.backbone.num_features,
-            self.num_classes,
-            pool=pool,
-            num_prefix_tokens=self.backbone.num_prefix_tokens,
-            drop_rate=self.head_drop_rate,
-        )
+        return classification_head(self.backbone, self.num_classes, self.hparams.pool, self.hparams.head_drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pool == "native":
-            features = self.backbone.forward_pooled(x)
-        elif self.backbone.has_tokens:
-            features = self.backbone.forward_tokens(x)
-        else:
-            features = self.backbone(x)[-1].flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
-        return self.head(features)
+        return self.head(pooled_features(self.backbone, self.head.pool, x))
 
-    def build_metrics(self) -> MetricCollection:
+    def forward_stage(self, x: torch.Tensor, stage: Stage) -> torch.Tensor:
+        """In training with a teacher and a distillation token, the class head's logits (the distillation
+        head's are kept for the distillation term); otherwise ``forward``."""
+        if stage != "train" or self.teacher is None or self.head.fc_dist is None:
+            return self(x)
+        logits, self._distillation_logits = self.head.forward_both(pooled_features(self.backbone, "cls", x))
+        return logits
+
+    def auxiliary_losses(self, batch: dict[str, Any], output: torch.Tensor, stage: Stage) -> dict[str, AuxiliaryLoss]:
+        losses = super().auxiliary_losses(batch, output, stage)
+        student, self._distillation_logits = self._distillation_logits, None
+        if stage == "train" and self.teacher is not None:
+            hp = self.hparams
+            teacher = self.teacher(batch["input"])
+            student = output if student is None else student.float()
+            with torch.autocast(self.device.type, enabled=False):
+                term = distillation_loss(student, teacher, hp.distillation, hp.distillation_tau)
+            losses["distill"] = AuxiliaryLoss(term, hp.distillation_alpha)
+        return losses
+
+    def task_loss_weight(self, stage: Stage) -> float:
+        return 1.0 - self.hparams.distillation_alpha if self.teacher is not None else 1.0
+
+    def build_metrics(self, stage: Stage) -> MetricCollection:
         metrics = {"top1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
         if self.num_classes > 5:
             metrics["top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")

@@ -26,7 +26,8 @@ from torchmetrics import MetricCollection
 
 from backbones.base import FeatureInfo
 
-from .base import Stage, TaskCLI, TaskModule, run_cli
+from .cli import TaskCLI, run_cli
+from .module import Stage, TaskModule
 from .medical_metrics import VolumeMetric, volume_metrics
 from .predict import atomic_write
 
@@ -123,8 +124,6 @@ class MedicalSegmentationModule(TaskModule):
     Args:
         in_channels: input channels (linked from the data: 1 for CT, one per MRI sequence); sets the
             backbone's ``in_chans``. ``None`` keeps ``backbone_kwargs``.
-        class_names: names of the classes, background first (linked from the data); per-class metrics are
-            logged as ``val/dice_<name>`` (``val/dice_<index>`` without names).
         feature_size, norm_name, res_block, conv_block: the decoder (see ``UnetrDecoder``).
         lambda_dice, lambda_ce: weights of the Dice and cross-entropy terms of MONAI's ``DiceCELoss``.
         batch_dice: Dice over the whole batch rather than per crop (nnU-Net's choice), which helps small
@@ -147,7 +146,6 @@ class MedicalSegmentationModule(TaskModule):
         self,
         *,
         in_channels: int | None = None,
-        class_names: list[str] | None = None,
         feature_size: int = 16,
         norm_name: NormName = "instance",
         res_block: bool = True,
@@ -166,15 +164,9 @@ class MedicalSegmentationModule(TaskModule):
     ) -> None:
         if in_channels is not None:
             kwargs["backbone_kwargs"] = {**(kwargs.get("backbone_kwargs") or {}), "in_chans": in_channels}
-        self.decoder_args = dict(feature_size=feature_size, norm_name=norm_name, res_block=res_block, conv_block=conv_block)
         super().__init__(**kwargs)
-        self.class_names = list(class_names) if class_names else None
         self.loss = DiceCELoss(
             to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce, batch=batch_dice
-        )
-        # HD95 on every training crop would cost more than the step; training logs Dice only.
-        self.metrics["train_metrics"] = MetricCollection(
-            {"dice": VolumeMetric(self.num_classes, with_hd=False)}, prefix="train/"
         )
         roi = sw_roi_size or getattr(self.backbone, "img_size", None)
         if roi is None:
@@ -187,12 +179,17 @@ class MedicalSegmentationModule(TaskModule):
     def build_head(self) -> nn.Module:
         return UnetrDecoder(
             self.backbone.feature_info, in_chans=self.backbone.in_chans, num_classes=self.num_classes,
-            spatial_dims=self.backbone.spatial_dims, **self.decoder_args,
+            spatial_dims=self.backbone.spatial_dims, feature_size=self.hparams.feature_size,
+            norm_name=self.hparams.norm_name, res_block=self.hparams.res_block, conv_block=self.hparams.conv_block,
         )
 
-    def build_metrics(self) -> MetricCollection:
+    def build_metrics(self, stage: Stage) -> MetricCollection:
+        """Dice and HD95 per class; training logs Dice only (HD95 on every crop would cost more than the step).
+        Per-class metrics are logged under the data's class names (``val/dice_liver``), by index without them."""
         hp = self.hparams  # saved by TaskModule before it builds the metrics
-        return volume_metrics(self.num_classes, percentile=hp.hd_percentile, class_names=hp.class_names)
+        if stage == "train":
+            return MetricCollection({"dice": VolumeMetric(self.num_classes, with_hd=False)})
+        return volume_metrics(self.num_classes, percentile=hp.hd_percentile, class_names=self.class_names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = [f.contiguous(memory_format=self.memory_format) for f in self.backbone(x)]
@@ -273,12 +270,11 @@ def write_nifti_labels(path: Path, labels: np.ndarray, affine: np.ndarray, *, li
 
 class MedicalCLI(TaskCLI):
     """The task CLI, with the data's input channels (1 for CT, one per MRI sequence) and its training crop
-    size (the sliding window's ROI) linked into the model."""
+    size (the sliding window's ROI) linked into the model as well."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.roi_size", "model.sw_roi_size")
 
 

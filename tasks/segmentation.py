@@ -20,7 +20,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from backbones.mix_transformer import map_to_tokens, tokens_to_map
 
-from .base import Stage, TaskModule, run_cli
+from .cli import run_cli
+from .module import Stage, TaskModule
 from .predict import atomic_write
 
 
@@ -130,7 +131,6 @@ class SegmentationModule(TaskModule):
         save_overlay: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.decoder_dim, self.decoder_dropout = decoder_dim, decoder_dropout
         super().__init__(**kwargs)
         if class_weights is not None and len(class_weights) != self.num_classes:
             raise ValueError(f"class_weights has {len(class_weights)} entries for {self.num_classes} classes")
@@ -144,17 +144,17 @@ class SegmentationModule(TaskModule):
                 self.extra_losses["dice"] = DiceLoss("multiclass", ignore_index=ignore_index)
             if lovasz_weight:
                 self.extra_losses["lovasz"] = LovaszLoss("multiclass", ignore_index=ignore_index)
-        self.class_names: list[str] = [str(i) for i in range(self.num_classes)]
+        self.class_names = self.class_names or [str(i) for i in range(self.num_classes)]
         self.palette: list[tuple[int, int, int]] | None = None
         self.label_offset = 0
 
     def build_head(self) -> nn.Module:
         return SegFormerHead(
-            [f.channels for f in self.backbone.feature_info], self.num_classes, embed_dim=self.decoder_dim,
-            dropout=self.decoder_dropout,
+            [f.channels for f in self.backbone.feature_info], self.num_classes, embed_dim=self.hparams.decoder_dim,
+            dropout=self.hparams.decoder_dropout,
         )
 
-    def build_metrics(self) -> MetricCollection:
+    def build_metrics(self, stage: Stage) -> MetricCollection:
         k, ignore = self.num_classes, self.hparams.ignore_index
         return MetricCollection(
             {
@@ -243,9 +243,8 @@ class SegmentationModule(TaskModule):
 
     # --- predict --------------------------------------------------------------------------------------------
 
-    def read_data_info(self, datamodule: Any) -> None:
-        super().read_data_info(datamodule)
-        dm = datamodule
+    def on_predict_start(self) -> None:
+        dm = self.trainer.datamodule
         self.palette = getattr(dm, "palette", None)
         self.label_offset = int(bool(getattr(dm, "reduce_zero_label", False)))  # ADE20K files: class + 1, 0 = other
 

@@ -9,7 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from tasks.base import TaskModule, run_cli
+from tasks.cli import run_cli
+from tasks.module import TaskModule
 
 CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
 TASK_OF_PREFIX = {

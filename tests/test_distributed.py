@@ -109,7 +109,7 @@ def test_evaluation_shards_are_disjoint_and_unpadded(monkeypatch: pytest.MonkeyP
 def test_sync_batchnorm_only_where_processes_can_share_statistics() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     assert isinstance(SyncBatchNormWhenDistributed().apply(model)[1], nn.BatchNorm2d)  # one process
-    from tasks.base import run_cli
+    from tasks.cli import run_cli
     from datamodules.classification import ClassificationDataModule
 
     args = ["--model.backbone=vit_tiny_patch16", TINY_VIT, "--trainer.sync_batchnorm=true", "--trainer.strategy=ddp",
@@ -128,8 +128,8 @@ def tiny_task_metrics() -> dict[str, tuple[MetricCollection, tuple[torch.Tensor,
     labels = torch.randint(0, 4, (2, 16, 16))
     return {
         "classification": (ClassificationModule(backbone="vit_tiny_patch16", backbone_kwargs={"img_size": 32, "depth": 1},
-                                                num_classes=7).build_metrics(), (torch.randn(10, 7), torch.randint(0, 7, (10,)))),
-        "segmentation": (segmentation.build_metrics(), (labels, torch.where(labels == 3, 255, torch.randint(0, 4, (2, 16, 16))))),
+                                                num_classes=7).build_metrics("val"), (torch.randn(10, 7), torch.randint(0, 7, (10,)))),
+        "segmentation": (segmentation.build_metrics("val"), (labels, torch.where(labels == 3, 255, torch.randint(0, 4, (2, 16, 16))))),
         "medical": (volume_metrics(3), (torch.randint(0, 3, (2, 8, 8, 8)), torch.randint(0, 3, (2, 8, 8, 8)))),
     }
 

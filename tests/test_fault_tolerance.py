@@ -12,7 +12,8 @@ import torch
 
 from datamodules.classification import ClassificationDataModule
 from datamodules.sampling import SeededSamples
-from tasks.base import NonFiniteLossError, run_cli
+from tasks.cli import run_cli
+from tasks.module import NonFiniteLossError
 from tasks.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from tasks.classification import ClassificationModule, main
 

@@ -13,7 +13,7 @@ import torch
 
 from datamodules.medical import MedicalDataModule
 from datamodules.synthetic_volumes import synthetic_case, write_case, write_decathlon_folder
-from tasks.base import run_cli
+from tasks.cli import run_cli
 from tasks.medical import MedicalCLI, MedicalSegmentationModule
 from tasks.medical_metrics import metric_suffixes, volume_metrics, volume_scores
 from tasks.predict import PredictionWriter

@@ -14,7 +14,7 @@ from PIL import Image
 
 from datamodules.segmentation import SegmentationDataModule
 from datamodules.synthetic_scenes import voc_palette
-from tasks.base import TaskCLI
+from tasks.cli import TaskCLI
 from tasks.predict import PredictionWriter
 from tasks.segmentation import SegmentationModule, main
 

@@ -1,0 +1,275 @@
+"""``TaskModule``: a backbone, a head, the one train/val/test step of every task, and the optimisation recipe.
+
+A task subclasses it and supplies its head (``build_head``), its loss (``compute_loss``), its metrics
+(``build_metrics(stage)``) and, where the output is not a per-sample class score, ``predict_step``. The state of
+a run (per-step seeding, dynamic choices, mid-epoch resume) lives in ``run_state.py`` callbacks, which the
+module hands to its trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+
+from backbones import Backbone, create_backbone
+from backbones.base import AuxiliaryLoss, AuxiliaryLossSource
+
+from .optimization import OptimizerName, ScheduleName, build_optimizer, build_schedule, parameter_groups
+from .run_state import run_state_callbacks
+
+Stage = Literal["train", "val", "test"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; raised before the optimizer step, so no bad weights are saved."""
+
+
+class TaskModule(L.LightningModule):
+    """Backbone + head, one shared step for train/val/test, and the optimisation recipe.
+
+    Args:
+        backbone: a registered preset or ``timm:<model name>``.
+        backbone_kwargs: overrides of the preset (``drop_path_rate``, ``out_indices``, ``img_size``...).
+        num_classes: number of classes (linked from the DataModule by the CLI).
+        class_names: names of the classes for logs and predictions (linked from the DataModule by the CLI).
+        pretrained: checkpoint file for the backbone, or for backbone and head together.
+        loss_weights: weights of auxiliary losses by name (``keep_ratio``, ``distill``...), overriding the
+            defaults of the module that produces them; each is logged as ``train/loss_<name>``.
+        optimizer: ``adamw``, ``sgd`` (Nesterov-free, with ``momentum``) or ``adafactor`` (torch's).
+        lr: base learning rate of the backbone; the head gets ``lr * head_lr_mult``.
+        weight_decay, head_weight_decay: decay of backbone and head weights (``None``: the same);
+            norms, biases, position embeddings and class tokens are never decayed.
+        momentum, betas: SGD momentum; AdamW betas.
+        schedule: after warmup, ``cosine`` or ``linear`` to ``min_lr_ratio``, ``poly`` (power
+            ``poly_power``), ``step`` (×``step_gamma`` at each of ``step_milestones`` epochs) or ``constant``.
+        warmup_epochs, warmup_steps: linear warmup from ``warmup_start_ratio * lr`` (summed if both set).
+        freeze_backbone: train only the head; the backbone also stays in eval mode (no dropout, drop path or
+            BatchNorm statistics updates), so a linear probe is a real linear probe.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str,
+        backbone_kwargs: dict[str, Any] | None = None,
+        num_classes: int,
+        class_names: list[str] | None = None,
+        pretrained: str | None = None,
+        loss_weights: dict[str, float] | None = None,
+        optimizer: OptimizerName = "adamw",
+        lr: float = 1e-3,
+        head_lr_mult: float = 1.0,
+        weight_decay: float = 0.05,
+        head_weight_decay: float | None = None,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        schedule: ScheduleName = "cosine",
+        warmup_epochs: float = 0.0,
+        warmup_steps: int = 0,
+        warmup_start_ratio: float = 1e-3,
+        min_lr_ratio: float = 0.0,
+        poly_power: float = 1.0,
+        step_milestones: tuple[float, ...] = (),
+        step_gamma: float = 0.1,
+        freeze_backbone: bool = False,
+    ) -> None:
+        super().__init__()
+        # the subclass's arguments too (``build_head`` and ``build_metrics`` read them); the class names are kept in
+        # checkpoints apart from the hyperparameters, which Lightning must not merge with the data's (a file there)
+        self.save_hyperparameters(ignore=["class_names"])
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.num_classes = num_classes
+        self.class_names: list[str] | None = list(class_names) if class_names else None
+        self.backbone: Backbone = create_backbone(backbone, **(backbone_kwargs or {}))
+        self.head: nn.Module = self.build_head()
+        if pretrained:
+            from backbones.weights import load_pretrained
+
+            self.load_report = load_pretrained(self, pretrained)
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+        self.metrics = nn.ModuleDict({f"{s}_metrics": self.build_metrics(s).clone(prefix=f"{s}/") for s in ("train", "val", "test")})
+        # sample-weighted mean over all processes (a mean of per-process means is wrong when shards differ in size)
+        self.losses = nn.ModuleDict({f"{s}_loss": MeanMetric(nan_strategy="disable") for s in ("train", "val", "test")})
+
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if self.class_names and index < len(self.class_names) else str(index)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["class_names"] = self.class_names
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.class_names = self.class_names or checkpoint.get("class_names")
+
+    def train(self, mode: bool = True) -> TaskModule:
+        """As ``nn.Module.train``, but a frozen backbone stays in eval mode through Lightning's ``train()`` calls."""
+        super().train(mode)
+        if self.hparams.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The run-state callbacks (``run_state.py``): per-step seeding, dynamic choices, mid-epoch resume."""
+        return run_state_callbacks()
+
+    # --- what a task supplies -------------------------------------------------------------------------
+
+    def build_head(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_metrics(self, stage: Stage) -> MetricCollection:
+        """The metrics of ``stage`` (called once per stage; the base adds the ``<stage>/`` prefix)."""
+        raise NotImplementedError
+
+    def compute_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def auxiliary_losses(self, batch: dict[str, Any], output: torch.Tensor, stage: Stage) -> dict[str, AuxiliaryLoss]:
+        """The losses besides the task loss of this forward pass: those the backbone and head left
+        (``AuxiliaryLossSource``); tasks add their own (distillation). Called once per step, right after the
+        forward pass, in every stage (so nothing stale is left); only training adds them to the loss."""
+        losses: dict[str, AuxiliaryLoss] = {}
+        for part in (self.backbone, self.head):
+            if isinstance(part, AuxiliaryLossSource):
+                losses.update(part.pop_auxiliary_losses())
+        return losses
+
+    def task_loss_weight(self, stage: Stage) -> float:
+        """Weight of the task loss in the training objective (below 1 where distillation takes a share)."""
+        return 1.0
+
+    # --- the loop, once ---------------------------------------------------------------------------------
+
+    def shared_step(self, batch: dict[str, Any], stage: Stage) -> torch.Tensor | None:
+        if self.skip_batch(batch, stage):
+            return None
+        batch = self.prepare_batch(batch, stage)
+        output = self.forward_stage(batch["input"], stage).float()
+        auxiliary = self.auxiliary_losses(batch, output, stage)
+        target = batch["target"]
+        with torch.autocast(self.device.type, enabled=False):  # loss and metrics in fp32 under any precision
+            loss = self.compute_loss(output, batch.get("loss_target", target))
+            metrics = self.metrics[f"{stage}_metrics"]
+            metrics.update(*self.metric_inputs(output, target))
+            if stage == "train" and auxiliary:
+                loss = self.add_auxiliary_losses(loss, auxiliary, batch_size=target.shape[0])
+        if stage == "train":
+            self.check_finite(loss)
+        batch_size = target.shape[0]
+        # one value per sample (MeanMetric's ``weight`` is ignored under nan_strategy="disable", torchmetrics 1.9)
+        per_sample = loss.detach().expand(batch_size)
+        mean_loss = self.losses[f"{stage}_loss"]
+        if stage == "train":
+            mean_loss(per_sample)  # forward: also this batch's value, for the step log
+        else:
+            mean_loss.update(per_sample)
+        self.log(f"{stage}/loss", mean_loss, on_step=stage == "train", on_epoch=True, prog_bar=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=batch_size)
+        return loss
+
+    def add_auxiliary_losses(self, loss: torch.Tensor, auxiliary: dict[str, AuxiliaryLoss], batch_size: int) -> torch.Tensor:
+        """The training objective: the task loss times ``task_loss_weight`` plus each auxiliary loss times its
+        weight (``loss_weights`` overrides the default); the unweighted terms are logged as ``train/loss_<name>``."""
+        overrides = self.hparams.loss_weights or {}
+        unknown = sorted(set(overrides) - set(auxiliary))
+        if unknown:
+            raise ValueError(f"loss_weights names {unknown}, but this model's auxiliary losses are {sorted(auxiliary)}")
+        self.log("train/loss_task", loss.detach(), on_step=True, on_epoch=True, batch_size=batch_size)
+        total = loss * self.task_loss_weight("train")
+        for name, term in auxiliary.items():
+            value = term.value.float()
+            self.log(f"train/loss_{name}", value.detach(), on_step=True, on_epoch=True, batch_size=batch_size)
+            total = total + overrides.get(name, term.weight) * value
+        return total
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop the run, before the optimizer step, when the loss of any process is NaN or infinite."""
+        trainer = self._trainer
+        finite = local = bool(torch.isfinite(loss).all())
+        if trainer is None:
+            return
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(local, all=True)
+        if not finite:
+            value = "non-finite on another process" if local else str(loss.item())
+            callback = trainer.checkpoint_callback
+            kept = (callback.last_model_path if callback is not None else "") or "none written yet"
+            raise NonFiniteLossError(
+                f"training loss is {value} at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
+                f"rank {trainer.global_rank}); stopped before the optimizer step. Last good checkpoint: {kept}"
+            )
+
+    def forward_stage(self, x: torch.Tensor, stage: Stage) -> torch.Tensor:
+        """The forward pass used in ``stage``; tasks override it for sliding-window or multi-view testing."""
+        return self(x)
+
+    def metric_inputs(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the metric collection is updated with; tasks override it to pass probabilities or labels."""
+        return output, target
+
+    def skip_batch(self, batch: dict[str, Any], stage: Stage) -> bool:
+        """Whether the step has nothing to learn from (a video batch whose every clip failed to decode); the
+        task counts and reports what it skips. A skipped training step makes no optimizer step."""
+        return False
+
+    def prepare_batch(self, batch: dict[str, Any], stage: Stage) -> dict[str, Any]:
+        """Hook for batch-level augmentation (mixup) before the forward pass."""
+        return batch
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.shared_step(batch, "test")
+
+    def train_accumulators(self) -> dict[str, Any]:
+        """The epoch's training loss and metric states (saved with mid-epoch checkpoints by ``MidEpochResume``)."""
+        return {"loss": self.losses["train_loss"], **dict(self.metrics["train_metrics"].items(keep_base=True))}
+
+    # --- optimisation -------------------------------------------------------------------------------------
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Backbone and head, each split into decayed weights and undecayed norms/biases/embeddings."""
+        hp = self.hparams
+        head_wd = hp.weight_decay if hp.head_weight_decay is None else hp.head_weight_decay
+        parts = [("backbone", self.backbone, hp.lr, hp.weight_decay), ("head", self.head, hp.lr * hp.head_lr_mult, head_wd)]
+        return parameter_groups(parts, self.backbone.no_weight_decay())
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        opt = build_optimizer(hp.optimizer, self.parameter_groups(), lr=hp.lr, momentum=hp.momentum, betas=hp.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = total / self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        if per_epoch is None:
+            per_epoch = total if not hp.warmup_epochs and not hp.step_milestones else self._steps_per_epoch()
+        scheduler = build_schedule(
+            opt,
+            total_steps=total,
+            warmup_steps=min(total - 1, int(hp.warmup_steps + hp.warmup_epochs * per_epoch)),
+            schedule=hp.schedule,
+            warmup_start_ratio=hp.warmup_start_ratio,
+            min_lr_ratio=hp.min_lr_ratio,
+            poly_power=hp.poly_power,
+            milestones=[int(m * per_epoch) for m in hp.step_milestones],
+            gamma=hp.step_gamma,
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _steps_per_epoch(self) -> float:
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError("warmup_epochs/step_milestones need a sized training set; use warmup_steps")
+        return batches / self.trainer.accumulate_grad_batches

@@ -1,0 +1,79 @@
+"""The optimisation recipe: parameter groups, optimizers and learning-rate schedules of every task."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+OptimizerName = Literal["adamw", "sgd", "adafactor"]
+ScheduleName = Literal["cosine", "linear", "poly", "step", "constant"]
+
+
+def parameter_groups(
+    parts: Iterable[tuple[str, nn.Module, float, float]], no_decay_names: set[str] = frozenset()
+) -> list[dict[str, Any]]:
+    """One pair of groups per ``(name, module, lr, weight_decay)`` part: decayed weights and undecayed
+    norms/biases/embeddings (1-D tensors, ``no_decay_names`` of the backbone, ``pos_embed``, ``cls_token``).
+    Frozen parameters are left out."""
+    groups: list[dict[str, Any]] = []
+    for part, module, lr, wd in parts:
+        decay, no_decay = [], []
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            skip = param.ndim <= 1 or name in no_decay_names or name.endswith(("pos_embed", "cls_token"))
+            (no_decay if skip else decay).append(param)
+        for params, weight_decay, suffix in ((decay, wd, ""), (no_decay, 0.0, "_no_decay")):
+            if params:
+                groups.append({"params": params, "lr": lr, "weight_decay": weight_decay, "name": part + suffix})
+    if not groups:
+        raise ValueError("no trainable parameters (is freeze_backbone set on a model without a head?)")
+    return groups
+
+
+def build_optimizer(
+    name: OptimizerName, groups: list[dict[str, Any]], *, lr: float, momentum: float, betas: tuple[float, float]
+) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return torch.optim.Adafactor(groups, lr=lr)
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: ScheduleName,
+    warmup_start_ratio: float = 1e-3,
+    min_lr_ratio: float = 0.0,
+    poly_power: float = 1.0,
+    milestones: list[int] | None = None,
+    gamma: float = 0.1,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup followed by one of torch's schedulers, stepped once per optimizer step."""
+    from torch.optim import lr_scheduler as sch
+
+    main_steps = max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        main: sch.LRScheduler = sch.LambdaLR(
+            optimizer, lambda s: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(s, main_steps) / main_steps))
+        )
+    elif schedule == "linear":
+        main = sch.LinearLR(optimizer, start_factor=1.0, end_factor=max(min_lr_ratio, 0.0), total_iters=main_steps)
+    elif schedule == "poly":
+        main = sch.PolynomialLR(optimizer, total_iters=main_steps, power=poly_power)
+    elif schedule == "step":
+        main = sch.MultiStepLR(optimizer, milestones=[max(0, m - warmup_steps) for m in milestones or []], gamma=gamma)
+    else:
+        main = sch.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if warmup_steps <= 0:
+        return main
+    warmup = sch.LinearLR(optimizer, start_factor=warmup_start_ratio, end_factor=1.0, total_iters=warmup_steps)
+    return sch.SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
