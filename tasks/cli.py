@@ -32,7 +32,8 @@ class MetricsPrinter(L.Callback):
 class TaskCLI(LightningCLI):
     """LightningCLI with ``data.num_classes`` and ``data.class_names`` linked into the model, the optimizer owned by the module, and the
     trainer set up for long multi-process runs: ``last.ckpt`` kept up to date (``--checkpoint.*``), written
-    atomically, and ``--trainer.sync_batchnorm`` that only applies where several processes can share statistics."""
+    atomically, ``--trainer.sync_batchnorm`` that only applies where several processes can share statistics, and
+    ``--trainer.strategy ddp`` that tolerates the parameters a dynamic backbone's sub-network leaves unused."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -56,6 +57,9 @@ class TaskCLI(LightningCLI):
             kwargs["sync_batchnorm"] = False
             plugins.append(SyncBatchNormWhenDistributed())
         kwargs["plugins"] = plugins
+        if trainer.get("strategy") == "ddp" and isinstance(self.model, TaskModule) and self.model.backbone.is_dynamic:
+            # a sub-network leaves parts of the super-network unused in a step; DDP must not wait for their gradients
+            kwargs["strategy"] = "ddp_find_unused_parameters_true"
         return super().instantiate_trainer(**kwargs)
 
 

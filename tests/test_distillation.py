@@ -1,0 +1,136 @@
+"""Knowledge distillation: the student moves toward a fixed teacher, the teacher stays frozen and outside our
+checkpoints and optimizer, DeiT's distillation head, and a 2-process run with a teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datamodules.classification import ClassificationDataModule
+from tasks.classification import ClassificationModule
+from tasks.distillation import distillation_loss
+
+from cli_runs import TINY_VIT, read_metrics, run_task, write_shapes
+
+TINY = {"img_size": 32, "depth": 1, "embed_dim": 48, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes(tmp_path_factory.mktemp("shapes"), train_per_class=16, val_per_class=4)
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fixed random teacher with confident, varied predictions (a state dict of one of our classifiers)."""
+    torch.manual_seed(1)
+    teacher = ClassificationModule(backbone="vit_tiny_patch16", backbone_kwargs=TINY, num_classes=3)
+    with torch.no_grad():
+        teacher.head.fc.weight.mul_(200.0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save(teacher.state_dict(), path)
+    return path
+
+
+def student(teacher_file: Path, **kwargs) -> ClassificationModule:
+    options = dict(teacher="vit_tiny_patch16", teacher_kwargs=TINY, teacher_pretrained=str(teacher_file),
+                   distillation="soft", distillation_alpha=0.9, distillation_tau=2.0, lr=2e-3, warmup_steps=0,
+                   backbone_kwargs=TINY)
+    return ClassificationModule(backbone="vit_tiny_patch16", num_classes=3, **{**options, **kwargs})
+
+
+def trainer(tmp_path: Path, steps: int) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", max_steps=steps, enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=tmp_path, log_every_n_steps=1, logger=L.pytorch.loggers.CSVLogger(tmp_path),
+                     limit_val_batches=0)
+
+
+def kl_to_teacher(module: ClassificationModule, x: torch.Tensor) -> float:
+    module.eval()
+    with torch.no_grad():
+        return float(distillation_loss(module(x), module.teacher(x), "soft"))
+
+
+def test_student_moves_toward_the_teacher_which_stays_frozen_and_unsaved(shapes: Path, teacher_file: Path, tmp_path: Path) -> None:
+    data = ClassificationDataModule(str(shapes), image_size=32, batch_size=8, num_workers=0)
+    data.setup("fit")
+    x = torch.stack([data.datasets["val"][i]["input"] for i in range(12)])
+    module = student(teacher_file)
+    teacher_before = module.teacher.state_fingerprint()
+    before = kl_to_teacher(module, x)
+    fit = trainer(tmp_path, steps=30)
+    fit.fit(module, data)
+    after = kl_to_teacher(module, x)
+    assert after < 0.5 * before, (before, after)
+    assert all(torch.equal(v, teacher_before[k]) for k, v in module.teacher.state_fingerprint().items())
+    assert not module.teacher.network.training
+    trained = {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]}
+    assert trained == {id(p) for p in module.parameters()}  # student only
+    assert not any(id(p) in trained for p in module.teacher.network.parameters())
+    rows = [r for r in read_metrics(tmp_path) if "train/loss_distill_step" in r]
+    assert len(rows) == 30 and rows[-1]["train/loss_distill_step"] < rows[0]["train/loss_distill_step"]
+
+    path = tmp_path / "student.ckpt"
+    fit.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)
+    assert not any("teacher" in k for k in saved["state_dict"])
+    assert saved["state_dict"].keys() == module.state_dict().keys()
+    assert saved["hyper_parameters"]["teacher_pretrained"] == str(teacher_file)
+    restored = ClassificationModule.load_from_checkpoint(path)
+    assert torch.equal(restored.teacher.network.head.fc.weight, module.teacher.network.head.fc.weight)
+
+
+def test_deit_distillation_token_trains_its_own_head_on_the_teachers_labels(shapes: Path, teacher_file: Path, tmp_path: Path) -> None:
+    module = student(teacher_file, backbone_kwargs={**TINY, "distilled": True}, distillation="hard", distillation_alpha=0.5)
+    assert module.head.fc_dist is not None
+    x = torch.randn(4, 3, 32, 32)
+    module.eval()
+    features = module.backbone.forward_tokens(x)
+    cls, dist = module.head.forward_both(features)
+    assert torch.allclose(module(x), (cls + dist) / 2)  # evaluation averages the two heads
+    module.train()
+    logits = module.forward_stage(x, "train")
+    losses = module.auxiliary_losses({"input": x}, logits, "train")
+    teacher_labels = module.teacher(x).argmax(-1)
+    expected = F.cross_entropy(module.head.fc_dist(module.backbone.forward_tokens(x)[:, 1]), teacher_labels)
+    assert module.task_loss_weight("train") == 0.5 and losses["distill"].weight == 0.5
+    torch.testing.assert_close(losses["distill"].value, expected)
+
+
+def test_soft_distillation_is_deits_kl() -> None:
+    s, t = torch.randn(5, 7), torch.randn(5, 7)
+    tau = 3.0
+    reference = (F.softmax(t / tau, -1) * (F.log_softmax(t / tau, -1) - F.log_softmax(s / tau, -1))).sum() * tau**2 / s.numel()
+    torch.testing.assert_close(distillation_loss(s, t, "soft", tau), reference)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"distillation": "none"}, "a teacher needs distillation"), ({"teacher": None}, "distillation needs a teacher"),
+     ({"distillation_alpha": 1.5}, "distillation_alpha")],
+)
+def test_bad_distillation_options_are_named(teacher_file: Path, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        student(teacher_file, **options)
+
+
+def test_ddp_fit_with_a_teacher(shapes: Path, teacher_file: Path, tmp_path: Path, synthetic_cache: str) -> None:
+    args = [
+        "fit", "--seed_everything=1", "--model.backbone=vit_tiny_patch16", TINY_VIT,
+        "--model.teacher=vit_tiny_patch16", TINY_VIT.replace("backbone_kwargs", "teacher_kwargs"),
+        f"--model.teacher_pretrained={teacher_file}", "--model.distillation=hard",
+        f"--data.root={shapes}", "--data.image_size=32", "--data.batch_size=4", "--data.num_workers=0",
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.accelerator=cpu", "--trainer.devices=2",
+        "--trainer.strategy=ddp", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    run_task("classification", args, cache=synthetic_cache)
+    rows = read_metrics(tmp_path)
+    assert any("train/loss_distill_epoch" in r for r in rows)
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not any("teacher" in k for k in saved["state_dict"])
