@@ -130,3 +130,21 @@ def test_short_fit_on_synthetic_videos_learns_the_order(tmp_path: Path, one_thre
     run.fit(module, data)
     after = run.validate(module, data, verbose=False)[0]["val/top1"]
     assert after >= 0.8 > before + 0.2, (before, after)
+
+
+def test_video_student_distils_from_a_frozen_video_teacher(tmp_path: Path) -> None:
+    teacher = tiny_module()
+    path = tmp_path / "teacher.pth"
+    torch.save(teacher.state_dict(), path)
+    module = tiny_module(
+        teacher="timesformer_nano_patch8", teacher_kwargs={**TINY, "num_frames": 4}, teacher_pretrained=str(path),
+        distillation="soft", distillation_tau=2.0,
+    )
+    clip = torch.randn(2, 3, 4, 32, 32)
+    torch.testing.assert_close(module.teacher(clip), teacher.eval()(clip))  # the file's weights, frozen
+    module.train()
+    losses = module.auxiliary_losses({"input": clip}, module.forward_stage(clip, "train"), "train")
+    assert losses["distill"].value > 0 and module.task_loss_weight("train") == 0.5
+    assert not any("teacher" in k for k in module.state_dict())
+    with pytest.raises(ValueError, match="cutmix_alpha is for images"):
+        tiny_module(cutmix_alpha=1.0)
