@@ -7,13 +7,14 @@ original release (``temporal_norm1``, ``temporal_attn``, ``temporal_fc``) so its
 
 from __future__ import annotations
 
-from typing import Literal
+import copy
+from typing import Any, Literal
 
 import torch
 from einops import rearrange, reduce, repeat
 from torch import nn
 
-from .layers import Attention, Block
+from .layers import Block
 
 VideoAttention = Literal["joint", "divided", "space_only"]
 
@@ -31,38 +32,19 @@ class DividedSpaceTimeBlock(Block):
     Args:
         dim: token width.
         num_heads: heads of both attentions.
-        mlp_ratio: hidden width of the MLP relative to ``dim``.
-        qkv_bias: bias on the query/key/value projections.
-        proj_drop, attn_drop: dropout after projections and inside attention.
-        drop_path: stochastic-depth rate of the three residual branches.
         num_prefix_tokens: leading non-patch tokens (class and distillation tokens).
-        norm_layer, act_layer, attn_layer: the parts, passed as classes.
+        **block_kwargs: the rest of ``Block``'s arguments (``mlp_ratio``, ``qkv_bias``, dropouts, ``drop_path``
+            for all three residual branches, the parts as classes); the temporal norm and attention are built
+            as copies of the spatial ones, so they share their configuration.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        num_prefix_tokens: int = 1,
-        norm_layer: type[nn.Module] = nn.LayerNorm,
-        act_layer: type[nn.Module] = nn.GELU,
-        attn_layer: type[nn.Module] = Attention,
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, *, num_prefix_tokens: int = 1, **block_kwargs: Any) -> None:
         if num_prefix_tokens < 0:
             raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
-        super().__init__(
-            dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop,
-            drop_path=drop_path, norm_layer=norm_layer, act_layer=act_layer, attn_layer=attn_layer,
-        )
+        super().__init__(dim, num_heads, **block_kwargs)
         self.num_prefix_tokens = num_prefix_tokens
-        self.temporal_norm1 = norm_layer(dim)
-        self.temporal_attn = attn_layer(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.temporal_norm1 = copy.deepcopy(self.norm1)
+        self.temporal_attn = copy.deepcopy(self.attn)
         self.temporal_fc = nn.Linear(dim, dim)
 
     def reset_temporal(self) -> None:

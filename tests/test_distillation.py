@@ -9,12 +9,11 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runs import TINY_VIT, read_metrics, run_task, write_shapes
 
 from datamodules.classification import ClassificationDataModule
 from tasks.classification import ClassificationModule
 from tasks.distillation import distillation_loss
-
-from cli_runs import TINY_VIT, read_metrics, run_task, write_shapes
 
 TINY = {"img_size": 32, "depth": 1, "embed_dim": 48, "num_heads": 2}
 

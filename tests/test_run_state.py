@@ -9,11 +9,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
-from tasks.classification import ClassificationModule
-
 from cli_runs import finish, read_metrics, run_task, write_shapes
 from dynamic_probe import read_records  # also registers the probe backbones
+
+from tasks.classification import ClassificationModule
 
 TINY = {"img_size": 32, "embed_dim": 48, "num_heads": 2}
 
