@@ -24,8 +24,9 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from .common import IMAGENET_MEAN, IMAGENET_STD, DataError, TaskDataModule, list_images, read_image
+from .label_maps import CITYSCAPES_PALETTE, voc_palette
 from .segmentation_transforms import eval_pipeline, train_pipeline
-from .synthetic_scenes import SCENE_CLASSES, synthetic_scenes, voc_palette
+from .synthetic_scenes import SCENE_CLASSES, synthetic_scenes
 
 # ADE20K SceneParsing (150 classes) and the 19 Cityscapes train ids of *_gtFine_labelTrainIds.png
 ADE20K_CLASSES = tuple(
@@ -47,11 +48,6 @@ CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )
-CITYSCAPES_PALETTE = [
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-]
 
 Layout = Literal["auto", "ade20k", "cityscapes", "folders"]
 _SPLITS = {"ade20k": ("training", "validation"), "cityscapes": ("train", "val"), "folders": ("train", "val")}

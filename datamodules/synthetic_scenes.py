@@ -19,25 +19,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .label_maps import save_label_map
 from .synthetic import draw_shape, ensure_written, textured_background
 
 SCENE_CLASSES = ("background", "disc", "box", "triangle", "cross", "ring")
 _SHAPES = {"disc": "circle", "box": "square", "triangle": "triangle", "cross": "cross", "ring": "circle"}
-
-
-def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
-    """The PASCAL VOC colour map: distinct colours for label indices, generated bit by bit."""
-    colours = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        colours.append((r, g, b))
-    return colours
 
 
 def _texture(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
@@ -92,17 +78,6 @@ def scene(rng: np.random.Generator, size: int, max_objects: int = 4) -> tuple[np
         label[mask] = 0
     image += rng.normal(0, 6, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8), label
-
-
-def save_label_map(path: Path, label: np.ndarray, palette: list[tuple[int, int, int]] | None = None) -> None:
-    """A ``[H, W]`` label map as a palette PNG (pixel values are the labels, the palette is for people);
-    labels above 255 need a 16-bit greyscale PNG instead."""
-    if label.size and label.max() > 255:
-        Image.fromarray(label.astype(np.uint16)).save(path)
-        return
-    img = Image.fromarray(label.astype(np.uint8), mode="P")
-    img.putpalette([c for rgb in (palette or voc_palette()) for c in rgb][: 256 * 3])
-    img.save(path)
 
 
 def write_scenes(root: Path, *, size: int, train: int, val: int, seed: int = 0) -> None:

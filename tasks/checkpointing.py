@@ -18,7 +18,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .predict import atomic_write
+from datamodules.io import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -25,11 +25,11 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from backbones.base import FeatureInfo
+from datamodules.io import atomic_write
 
 from .cli import TaskCLI, run_cli
-from .module import Stage, TaskModule
 from .medical_metrics import VolumeMetric, volume_metrics
-from .predict import atomic_write
+from .module import Stage, TaskModule
 
 NormName = Literal["instance", "batch"]
 

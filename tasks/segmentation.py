@@ -19,10 +19,10 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from backbones.mix_transformer import map_to_tokens, tokens_to_map
+from datamodules.io import atomic_write
 
 from .cli import run_cli
 from .module import Stage, TaskModule
-from .predict import atomic_write
 
 
 class SegFormerHead(nn.Module):
@@ -260,7 +260,7 @@ class SegmentationModule(TaskModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Write one palette PNG label map per image at its original size, in the data's own label convention
         (class + 1 under reduce-zero-label, as ADE20K's annotations), and an overlay if asked."""
-        from datamodules.synthetic_scenes import save_label_map, voc_palette
+        from datamodules.label_maps import save_label_map, voc_palette
 
         logits = self.forward_stage(batch["input"], "test")
         out_dir = Path(getattr(self, "predict_output_dir", "predictions"))

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from datamodules.label_maps import voc_palette
 from datamodules.segmentation import SegmentationDataModule
-from datamodules.synthetic_scenes import voc_palette
 from tasks.cli import TaskCLI
 from tasks.predict import PredictionWriter
 from tasks.segmentation import SegmentationModule, main
