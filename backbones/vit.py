@@ -352,6 +352,18 @@ def vit_large_patch32(**kwargs: Any) -> VisionTransformer:
 
 
 @register
+def vit_giant_patch14(**kwargs: Any) -> VisionTransformer:
+    """ViT-g/14 (Zhai et al., 2022): 1408 wide, 40 blocks, MLP 6144, 16 heads; no class token (pools by avg/map)."""
+    return _vit(kwargs, patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=6144 / 1408, class_token=False)
+
+
+@register
+def vit_gigantic_patch14(**kwargs: Any) -> VisionTransformer:
+    """ViT-G/14 (Zhai et al., 2022): 1664 wide, 48 blocks, MLP 8192, 16 heads; no class token (pools by avg/map)."""
+    return _vit(kwargs, patch_size=14, embed_dim=1664, depth=48, num_heads=16, mlp_ratio=8192 / 1664, class_token=False)
+
+
+@register
 def timesformer_base_patch16(**kwargs: Any) -> VisionTransformer:
     """TimeSformer-B (Bertasius et al., 2021): ViT-B/16 over 8 frames of 224², divided space-time attention."""
     return _vit(
