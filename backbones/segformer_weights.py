@@ -11,8 +11,9 @@ Three families of files are in circulation, each for a bare encoder (ImageNet Mi
   the ``segformer.stages.{i}.blocks.{j}.attention.q_proj`` names of transformers 5's ``state_dict()``;
   separate key and value projections are concatenated into our ``kv``.
 
-Every converter returns ``backbone.stages.{i}...`` and ``head.{linear.i, fuse, norm, classifier}`` keys
-(``head.fc`` for an ImageNet classifier), the namespace of ``backbones.weights.load_pretrained``.
+Every converter returns ``backbone.stages.{i}...`` keys for the encoder, ``head.fc`` for an ImageNet classifier
+and ``foreign.<the file's own key>`` for a full model's decoder, the namespace of ``backbones.weights.load_pretrained``;
+the decoder's names are mapped onto ``SegFormerHead`` next to it, in ``tasks/segmentation_head_weights.py``.
 """
 
 from __future__ import annotations
@@ -50,31 +51,15 @@ _HF_ENCODER = [
     (r"\.mlp\.dense1\.", ".mlp.fc1."),
     (r"\.mlp\.dense2\.", ".mlp.fc2."),
 ]
-_HF_HEAD = [
-    (r"^decode_head\.(linear_c|linear_projections)\.(\d)\.proj\.", r"linear.\2."),
-    (r"^decode_head\.linear_fuse\.", "fuse."),
-    (r"^decode_head\.batch_norm\.", "norm."),
-    (r"^decode_head\.classifier\.", "classifier."),
-    (r"^classifier\.", "fc."),
-]
-_NVLABS_HEAD = [
-    (r"^decode_head\.linear_c(\d)\.proj\.", lambda m: f"linear.{int(m[1]) - 1}."),
-    (r"^decode_head\.linear_fuse\.conv\.", "fuse."),
-    (r"^decode_head\.linear_fuse\.bn\.", "norm."),
-    (r"^decode_head\.linear_pred\.", "classifier."),
-]
+_HF_CLASSIFIER = "classifier."  # SegformerForImageClassification
 
 
-def _rename(key: str, rules: list, *, first: bool = False) -> str | None:
-    """Apply every matching rule in order (only the first with ``first``); ``None`` when none matched."""
-    out, hit = key, False
+def _rename(key: str, rules: list) -> str | None:
+    """Apply every matching rule in order; ``None`` when none matched."""
+    out = key
     for pattern, repl in rules:
-        new = re.sub(pattern, repl, out)
-        if new != out and first:
-            return new
-        hit |= new != out
-        out = new
-    return out if hit else None
+        out = re.sub(pattern, repl, out)
+    return out if out != key else None
 
 
 def _mit_encoder(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
@@ -106,8 +91,8 @@ def _convert_nvlabs(state: StateDict) -> StateDict:
     full = "backbone.patch_embed1.proj.weight" in state
     out = _mit_encoder(state, "backbone." if full else "")
     for key, value in state.items():
-        if full and (name := _rename(key, _NVLABS_HEAD, first=True)):
-            out["head." + name] = value
+        if full and not key.startswith("backbone."):  # decode_head.*, auxiliary heads
+            out["foreign." + key] = value
         elif not full and key.startswith("head."):  # the ImageNet classifier
             out["head.fc." + key.removeprefix("head.")] = value
     return out
@@ -123,16 +108,7 @@ def _is_smp(state: Mapping[str, torch.Tensor]) -> bool:
 def _convert_smp(state: StateDict) -> StateDict:
     """``smp.Segformer(encoder_name="mit_b*")``; its decoder lists the stages deepest first."""
     out = _mit_encoder(state, "encoder.")
-    stages = sorted({int(m[1]) for k in state if (m := re.match(r"decoder\.mlp_stage\.(\d+)\.", k))})
-    for key, value in state.items():
-        if m := re.match(r"decoder\.mlp_stage\.(\d+)\.linear\.(.+)", key):
-            out[f"head.linear.{len(stages) - 1 - int(m[1])}.{m[2]}"] = value
-        elif key.startswith("decoder.fuse_stage.0."):
-            out["head.fuse." + key.removeprefix("decoder.fuse_stage.0.")] = value
-        elif key.startswith("decoder.fuse_stage.1."):
-            out["head.norm." + key.removeprefix("decoder.fuse_stage.1.")] = value
-        elif key.startswith("segmentation_head.0."):
-            out["head.classifier." + key.removeprefix("segmentation_head.0.")] = value
+    out.update({"foreign." + k: v for k, v in state.items() if not k.startswith("encoder.")})
     return out
 
 
@@ -150,8 +126,10 @@ def _convert_hf(state: StateDict) -> StateDict:
         local = key.removeprefix("segformer.")
         if key.startswith("segformer.") and (name := _rename(local, _HF_ENCODER) or local).startswith("stages."):
             out["backbone." + name.replace("mlp.dwconv.dwconv.", "mlp.dwconv.")] = value
-        elif name := _rename(key, _HF_HEAD, first=True):
-            out["head." + name] = value
+        elif key.startswith(_HF_CLASSIFIER):
+            out["head.fc." + key.removeprefix(_HF_CLASSIFIER)] = value
+        elif not key.startswith("segformer."):  # decode_head.*
+            out["foreign." + key] = value
     return _merge_kv(out)
 
 

@@ -3,7 +3,8 @@
 UNETR (Hatamizadeh et al., 2022) is a plain ViT over cubic 16³ patches whose blocks 3, 6, 9 and 12
 (0-based 3, 6, 9, 11) feed a convolutional decoder; the decoder lives in ``tasks/medical.py``. The
 converter here reads ``monai.networks.nets.UNETR`` state dicts (and bare ``monai.networks.nets.ViT``
-ones) and renames them into the ``backbone.``/``head.`` namespace of ``backbones.weights``.
+ones) and renames the encoder into the ``backbone.`` namespace of ``backbones.weights``; the decoder's keys
+go on as ``foreign.`` ones, mapped onto ``UnetrDecoder`` by ``tasks/medical_head_weights.py``.
 """
 
 from __future__ import annotations
@@ -35,18 +36,6 @@ def unetr_vit_base(**kwargs: Any) -> VisionTransformer:
 
 # --- MONAI checkpoints ------------------------------------------------------------------------------------
 
-# MONAI decoder module -> ours (``UnetrDecoder`` in tasks/medical.py); the rest of each key is unchanged.
-_DECODER_NAMES = {
-    "encoder1": "input_block",
-    "encoder2": "skip_blocks.0",
-    "encoder3": "skip_blocks.1",
-    "encoder4": "skip_blocks.2",
-    "decoder5": "up_blocks.0",
-    "decoder4": "up_blocks.1",
-    "decoder3": "up_blocks.2",
-    "decoder2": "up_blocks.3",
-    "out": "out",
-}
 _BLOCK_NAMES = {
     "attn.out_proj": "attn.proj",
     "mlp.linear1": "mlp.fc1",
@@ -62,7 +51,7 @@ def is_monai_unetr(state: Mapping[str, torch.Tensor]) -> bool:
 
 
 def convert_monai_unetr(state: StateDict) -> StateDict:
-    """Rename a MONAI UNETR/ViT state dict into ``backbone.``/``head.`` keys.
+    """Rename a MONAI UNETR/ViT state dict's encoder into ``backbone.`` keys; a UNETR's decoder stays ``foreign.``.
 
     The perceptron patch embedding (a Linear over patches flattened as ``(p1 p2 p3 c)``) becomes our
     Conv3d kernel; cross-attention norms, which MONAI creates but never uses without cross-attention,
@@ -73,9 +62,7 @@ def convert_monai_unetr(state: StateDict) -> StateDict:
     out: StateDict = {}
     for key, value in state.items():
         if vit_prefix and not key.startswith(vit_prefix):
-            module, _, rest = key.partition(".")
-            if module in _DECODER_NAMES:
-                out[f"head.{_DECODER_NAMES[module]}.{rest}"] = value
+            out["foreign." + key] = value  # the decoder: tasks/medical_head_weights.py maps it onto UnetrDecoder
             continue
         name = key.removeprefix(vit_prefix)
         if name == "patch_embedding.position_embeddings":

@@ -27,6 +27,7 @@ from torchmetrics import MetricCollection
 from backbones.base import FeatureInfo
 from datamodules.io import atomic_write
 
+from . import medical_head_weights  # noqa: F401  (registers the decoder key map of MONAI UNETR files)
 from .cli import TaskCLI, run_cli
 from .medical_metrics import VolumeMetric, volume_metrics
 from .module import Stage, TaskModule

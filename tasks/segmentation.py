@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from backbones.mix_transformer import map_to_tokens, tokens_to_map
 from datamodules.io import atomic_write
 
+from . import segmentation_head_weights  # noqa: F401  (registers the decoder key maps of SegFormer files)
 from .cli import run_cli
 from .module import Stage, TaskModule
 

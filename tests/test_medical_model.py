@@ -7,6 +7,7 @@ import torch
 
 from backbones import create_backbone
 from backbones.unetr import conv_to_perceptron, perceptron_to_conv
+from backbones.weights import load_pretrained
 from tasks.medical import MedicalSegmentationModule, UnetrDecoder
 
 TINY_VIT = dict(img_size=32, embed_dim=48, depth=4, num_heads=2, out_indices=[0, 1, 2, 3])
@@ -34,6 +35,9 @@ def test_monai_unetr_base_checkpoint_gives_the_same_logits(tmp_path):
     ours = MedicalSegmentationModule(backbone="unetr_vit_base", num_classes=14, pretrained=str(tmp_path / "unetr.pt")).eval()
     assert ours.load_report.format == "monai-unetr"
     assert not ours.load_report.missing and not ours.load_report.unexpected
+    # the same file into the encoder alone: the decoder is reported as skipped
+    encoder = load_pretrained(create_backbone("unetr_vit_base"), tmp_path / "unetr.pt")
+    assert not encoder.missing and not encoder.unexpected and "head.out.conv.conv.weight" in encoder.skipped
 
     n_ref = sum(p.numel() for p in ref.parameters())
     unused = sum(p.numel() for n, p in ref.named_parameters() if "norm_cross_attn" in n)

@@ -10,6 +10,7 @@ import torch
 
 from backbones import create_backbone
 from backbones.mix_transformer import MixTransformer
+from backbones.weights import load_pretrained
 from tasks.segmentation import SegFormerHead, SegmentationModule
 
 smp = pytest.importorskip("segmentation_models_pytorch")
@@ -109,6 +110,10 @@ def test_nvlabs_mmseg_checkpoint_loads(tmp_path: Path) -> None:
         backbone="mit_b0", num_classes=150, pretrained=str(tmp_path / "segformer.b0.512x512.ade.160k.pth"), align_corners=True
     ).eval()
     assert ours.load_report.format == "segformer-nvlabs" and not ours.load_report.missing
+    # the same file into the encoder alone: the decoder is reported as skipped
+    encoder = load_pretrained(create_backbone("mit_b0"), tmp_path / "segformer.b0.512x512.ade.160k.pth")
+    assert not encoder.missing and not encoder.unexpected
+    assert {"head.linear.0.weight", "head.fuse.weight", "head.classifier.weight"} <= set(encoder.skipped)
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         assert (ours(x) - ref(x)).abs().max() <= 1e-4
