@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +155,9 @@ class ClassificationModule(TaskModule):
             (``cls`` for ViTs with a class token, ``native`` for timm models, ``avg`` otherwise).
         head_drop_rate: dropout before the classifier.
         label_smoothing: cross-entropy label smoothing (ignored under mixup, which smooths itself).
+        loss: ``softmax`` cross-entropy, or ``sigmoid``: independent binary cross-entropies summed over classes,
+            with the classifier bias starting at -10 (big_vision's ``sigmoid_xent`` and ``init_head_bias``, the
+            scaling paper's choice) unless a checkpoint brings one.
         mixup_alpha, cutmix_alpha: Beta parameters of timm's Mixup/CutMix; 0 disables each.
         mixup_prob, mixup_switch_prob: chance to apply either, and to pick cutmix when both are on.
         teacher: backbone name (a preset or ``timm:<name>``) of a frozen teacher; ``None``: no distillation.
@@ -176,6 +179,7 @@ class ClassificationModule(TaskModule):
         pool: PoolType | None = None,
         head_drop_rate: float = 0.0,
         label_smoothing: float = 0.0,
+        loss: Literal["softmax", "sigmoid"] = "softmax",
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         mixup_prob: float = 1.0,
@@ -196,6 +200,9 @@ class ClassificationModule(TaskModule):
             )
         if not 0.0 <= distillation_alpha <= 1.0 or distillation_tau <= 0:
             raise ValueError(f"need 0 <= distillation_alpha <= 1 and distillation_tau > 0, got {distillation_alpha}, {distillation_tau}")
+        loaded = self.load_report.loaded if self.hparams.pretrained else []
+        if loss == "sigmoid" and "head.fc.bias" not in loaded:
+            nn.init.constant_(self.head.fc.bias, -10.0)  # sigmoid(-10) = 4.5e-5: no class is claimed at first
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             self.mixup = Mixup(
@@ -255,6 +262,11 @@ class ClassificationModule(TaskModule):
         return {**batch, "input": x, "loss_target": soft}
 
     def compute_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.hparams.loss == "sigmoid":
+            if target.ndim == 1:
+                smoothing = self.hparams.label_smoothing
+                target = F.one_hot(target, output.shape[-1]).float() * (1 - smoothing) + smoothing / output.shape[-1]
+            return F.binary_cross_entropy_with_logits(output, target, reduction="none").sum(-1).mean()
         if target.ndim == 2:  # soft targets from mixup/cutmix
             return torch.sum(-target * F.log_softmax(output, dim=-1), dim=-1).mean()
         return F.cross_entropy(output, target, label_smoothing=self.hparams.label_smoothing)

@@ -40,13 +40,17 @@ class TaskModule(L.LightningModule):
         pretrained: checkpoint file for the backbone, or for backbone and head together.
         loss_weights: weights of auxiliary losses by name (``keep_ratio``, ``distill``...), overriding the
             defaults of the module that produces them; each is logged as ``train/loss_<name>``.
-        optimizer: ``adamw``, ``sgd`` (Nesterov-free, with ``momentum``) or ``adafactor`` (torch's).
+        optimizer: ``adamw``, ``sgd`` (Nesterov-free, with ``momentum``), ``adafactor`` (torch's) or ``adafactor_bv``
+            (big_vision's, Zhai et al. 2022: factored, momentum ``momentum`` in bfloat16, decay decoupled and
+            relative to the scheduled lr, so ``weight_decay: 0.03`` is big_vision's ``wd = 0.03 * lr``).
         lr: base learning rate of the backbone; the head gets ``lr * head_lr_mult``.
         weight_decay, head_weight_decay: decay of backbone and head weights (``None``: the same);
             norms, biases, position embeddings and class tokens are never decayed.
         momentum, betas: SGD momentum; AdamW betas.
         schedule: after warmup, ``cosine`` or ``linear`` to ``min_lr_ratio``, ``poly`` (power
-            ``poly_power``), ``step`` (×``step_gamma`` at each of ``step_milestones`` epochs) or ``constant``.
+            ``poly_power``), ``step`` (×``step_gamma`` at each of ``step_milestones`` epochs), ``constant`` or
+            ``rsqrt`` (big_vision's: ``1 / sqrt(1 + (step - warmup) / rsqrt_timescale)``, then a linear cooldown to
+            zero over the last ``cooldown_steps``).
         warmup_epochs, warmup_steps: linear warmup from ``warmup_start_ratio * lr`` (summed if both set).
         freeze_backbone: train only the head; the backbone also stays in eval mode (no dropout, drop path or
             BatchNorm statistics updates), so a linear probe is a real linear probe.
@@ -76,6 +80,8 @@ class TaskModule(L.LightningModule):
         poly_power: float = 1.0,
         step_milestones: tuple[float, ...] = (),
         step_gamma: float = 0.1,
+        rsqrt_timescale: int = 10_000,
+        cooldown_steps: int = 0,
         freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
@@ -265,6 +271,8 @@ class TaskModule(L.LightningModule):
             poly_power=hp.poly_power,
             milestones=[int(m * per_epoch) for m in hp.step_milestones],
             gamma=hp.step_gamma,
+            timescale=hp.rsqrt_timescale,
+            cooldown_steps=hp.cooldown_steps,
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
