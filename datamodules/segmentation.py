@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from .common import IMAGENET_MEAN, IMAGENET_STD, DataError, TaskDataModule, list_images, read_image
-from .label_maps import CITYSCAPES_PALETTE, voc_palette
+from .label_maps import CITYSCAPES_PALETTE, voc_palette, write_label_map, write_overlay
 from .segmentation_transforms import eval_pipeline, train_pipeline
 from .synthetic_scenes import SCENE_CLASSES, synthetic_scenes
 
@@ -262,11 +262,30 @@ class SegmentationDataModule(TaskDataModule):
         if num_classes is not None and num_classes != len(self.class_names):
             raise DataError(f"num_classes={num_classes} but {len(self.class_names)} class_names were given")
         self.reduce_zero_label = self.layout == "ade20k" if reduce_zero_label is None else reduce_zero_label
+        self.ignore_index = ignore_index  # linked into the model by the CLI
         self.palette = CITYSCAPES_PALETTE if names is CITYSCAPES_CLASSES else voc_palette(max(256, len(self.class_names)))
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def write_prediction(self, row: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+        """Write a predicted ``label`` map (0-based classes) as ``masks/<name>.png``, a palette PNG in this data's
+        label convention (class + 1 under ``reduce_zero_label``, as ADE20K's annotations), and with ``save_overlay``
+        its colours over the image as ``overlays/<name>.jpg``. The row is rewritten in place to the CSV's columns,
+        so predictions the trainer keeps hold the file paths, not the arrays."""
+        if "label" not in row:
+            return row
+        label = row["label"].astype(np.int32) + int(self.reduce_zero_label)  # ADE20K files: class + 1, 0 = other
+        mask = write_label_map(Path(output_dir) / "masks" / f"{row['name']}.png", label, self.palette)
+        written = {"index": row["index"], "path": row["path"], "mask": str(mask), "height": row["height"],
+                   "width": row["width"]}
+        if row.get("save_overlay"):
+            overlay = Path(output_dir) / "overlays" / f"{row['name']}.jpg"
+            written["overlay"] = str(write_overlay(overlay, row["path"], label, self.palette))
+        row.clear()
+        row.update(written)
+        return row
 
     def synthetic_root(self) -> Path:
         hp = self.hparams

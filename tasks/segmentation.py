@@ -6,23 +6,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from backbones.mix_transformer import map_to_tokens, tokens_to_map
-from datamodules.io import atomic_write
 
 from . import segmentation_head_weights  # noqa: F401  (registers the decoder key maps of SegFormer files)
-from .cli import run_cli
+from .cli import TaskCLI, run_cli
 from .module import Stage, TaskModule
 
 
@@ -146,8 +142,6 @@ class SegmentationModule(TaskModule):
             if lovasz_weight:
                 self.extra_losses["lovasz"] = LovaszLoss("multiclass", ignore_index=ignore_index)
         self.class_names = self.class_names or [str(i) for i in range(self.num_classes)]
-        self.palette: list[tuple[int, int, int]] | None = None
-        self.label_offset = 0
 
     def build_head(self) -> nn.Module:
         return SegFormerHead(
@@ -244,52 +238,45 @@ class SegmentationModule(TaskModule):
 
     # --- predict --------------------------------------------------------------------------------------------
 
-    def on_predict_start(self) -> None:
-        dm = self.trainer.datamodule
-        self.palette = getattr(dm, "palette", None)
-        self.label_offset = int(bool(getattr(dm, "reduce_zero_label", False)))  # ADE20K files: class + 1, 0 = other
-
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        data_ignore = getattr(dm, "hparams", {}).get("ignore_index", self.hparams.ignore_index)
-        if data_ignore != self.hparams.ignore_index:
+        """The CLI links ``data.ignore_index`` into the model; a trainer given both directly checks they agree."""
+        from datamodules.segmentation import SegmentationDataModule
+
+        dm = self.trainer.datamodule
+        if isinstance(dm, SegmentationDataModule) and dm.ignore_index != self.hparams.ignore_index:
             raise ValueError(
-                f"data.ignore_index={data_ignore} but model.ignore_index={self.hparams.ignore_index}: "
+                f"data.ignore_index={dm.ignore_index} but model.ignore_index={self.hparams.ignore_index}: "
                 "set both to the same value"
             )
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Write one palette PNG label map per image at its original size, in the data's own label convention
-        (class + 1 under reduce-zero-label, as ADE20K's annotations), and an overlay if asked."""
-        from datamodules.label_maps import save_label_map, voc_palette
-
+        """One row per image: its predicted ``label`` map ``[H, W]`` (0-based classes) at the image's original size,
+        for the DataModule's ``write_prediction`` to write in the data's own format (and the overlay if asked)."""
         logits = self.forward_stage(batch["input"], "test")
-        out_dir = Path(getattr(self, "predict_output_dir", "predictions"))
-        palette = self.palette or voc_palette()
+        dtype = torch.uint8 if self.num_classes <= 256 else torch.int32  # predictions may be kept until the end
         rows = []
         samples = zip(batch["index"].tolist(), batch["path"], batch["name"], batch["size"].tolist())
-        for i, (index, path, name, size) in enumerate(samples):
-            label = self.to_label_size(logits[i : i + 1].float(), size).argmax(1)[0].cpu().numpy() + self.label_offset
-            mask_path = out_dir / "masks" / f"{name}.png"
-            atomic_write(mask_path, lambda tmp, lab=label: save_label_map(Path(tmp), lab, palette))
-            row = {"index": index, "path": path, "mask": str(mask_path), "height": size[0], "width": size[1]}
-            if self.hparams.save_overlay:
-                row["overlay"] = str(self._write_overlay(out_dir / "overlays" / f"{name}.jpg", path, label, palette))
-            rows.append(row)
+        for i, (index, path, name, (height, width)) in enumerate(samples):
+            label = self.to_label_size(logits[i : i + 1].float(), (height, width)).argmax(1)[0].to(dtype).cpu().numpy()
+            rows.append({
+                "index": index, "path": path, "name": name, "height": height, "width": width, "label": label,
+                "save_overlay": self.hparams.save_overlay,
+            })
         return rows
 
-    @staticmethod
-    def _write_overlay(target: Path, image_path: str, label: np.ndarray, palette: list[tuple[int, int, int]]) -> Path:
-        colours = np.asarray(palette, dtype=np.uint8)[np.minimum(label, len(palette) - 1)]
-        with Image.open(image_path) as img:
-            blend = Image.blend(img.convert("RGB"), Image.fromarray(colours), 0.5)
-        return atomic_write(target, lambda tmp: blend.save(tmp, format="JPEG", quality=90))
+
+class SegmentationCLI(TaskCLI):
+    """The task CLI, with the data's ignore label linked into the model (the loss and the metrics leave it out)."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.ignore_index", "model.ignore_index", apply_on="instantiate")
 
 
 def main(args: Any = None) -> None:
     from datamodules.segmentation import SegmentationDataModule
 
-    run_cli(SegmentationModule, SegmentationDataModule, args=args)
+    run_cli(SegmentationModule, SegmentationDataModule, args=args, cli_class=SegmentationCLI)
 
 
 if __name__ == "__main__":

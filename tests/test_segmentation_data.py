@@ -120,3 +120,20 @@ def test_train_pipeline_pads_small_images_with_ignore() -> None:
     out = pipe(image=np.full((80, 80, 3), 128, np.uint8), mask=np.ones((80, 80), np.uint8))
     assert out["image"].shape == (3, 64, 64) and out["mask"].shape == (64, 64)
     assert (out["mask"][:40, :40] == 1).all() and (out["mask"][40:] == 255).all() and (out["mask"][:, 40:] == 255).all()
+
+
+def test_predictions_are_written_in_the_datas_own_label_convention(tmp_path: Path) -> None:
+    """Cityscapes train ids are written as predicted (ADE20K's class + 1 is in test_segmentation_task.py), in the
+    Cityscapes colours; the row becomes the CSV's, in place, so no array is kept after writing."""
+    city = tmp_path / "city"
+    image = city / "leftImg8bit" / "val" / "aachen" / "a_leftImg8bit.png"
+    write_pair(image, city / "gtFine" / "val" / "aachen" / "a_gtFine_labelTrainIds.png", labels=(0, 18))
+    dm = SegmentationDataModule(str(city), num_workers=0)
+    label = np.array([[0, 18], [5, 1]], dtype=np.uint8)
+    row = {"index": 3, "path": str(image), "name": "aachen/a", "height": 2, "width": 2, "label": label,
+           "save_overlay": False}
+    written = dm.write_prediction(row, tmp_path / "out")
+    assert written is row and list(row) == ["index", "path", "mask", "height", "width"]
+    with Image.open(tmp_path / "out" / "masks" / "aachen" / "a.png") as mask:
+        assert mask.mode == "P" and mask.getpalette()[:6] == [128, 64, 128, 244, 35, 232]
+        np.testing.assert_array_equal(np.asarray(mask), label)

@@ -14,9 +14,8 @@ from PIL import Image
 
 from datamodules.label_maps import voc_palette
 from datamodules.segmentation import SegmentationDataModule
-from tasks.cli import TaskCLI
 from tasks.predict import PredictionWriter
-from tasks.segmentation import SegmentationModule, main
+from tasks.segmentation import SegmentationCLI, SegmentationModule, main
 
 TINY = {"embed_dims": (16, 32, 64, 128), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 4), "drop_path_rate": 0.0}
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("segformer_*.yaml"))
@@ -128,6 +127,15 @@ def test_ignore_index_must_agree_with_the_data() -> None:
         trainer(max_steps=1).validate(tiny_module(num_classes=6), datamodule=dm)
 
 
+def test_cli_links_the_datas_ignore_index_into_the_model() -> None:
+    args = ["--config", str(CONFIGS[0]), "--trainer.logger", "false", "--data.ignore_index", "0"]
+    cli = SegmentationCLI(
+        SegmentationModule, SegmentationDataModule, run=False, auto_configure_optimizers=False, args=args
+    )
+    assert cli.datamodule.ignore_index == cli.model.hparams.ignore_index == 0
+    assert cli.model.metrics["val_metrics"]["miou"].ignore_index == 0
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
     args = ["--config", str(config), "--trainer.logger", "false"]
@@ -137,9 +145,12 @@ def test_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
         (tmp_path / "annotations").mkdir()
         args += ["--data.root", str(tmp_path)]
     with torch.device("meta"):  # B3-B5 are large; their weights need not exist to check the recipe
-        cli = TaskCLI(SegmentationModule, SegmentationDataModule, run=False, auto_configure_optimizers=False, args=args)
+        cli = SegmentationCLI(
+            SegmentationModule, SegmentationDataModule, run=False, auto_configure_optimizers=False, args=args
+        )
     assert cli.model.num_classes == cli.datamodule.num_classes
-    assert cli.model.hparams.backbone.startswith("mit_b")
+    assert cli.model.hparams.ignore_index == cli.datamodule.ignore_index
+    assert cli.model.hparams.backbone.startswith(("mit_b", "efficientformerv2_"))
 
 
 def test_print_config_runs_through_main(capsys: pytest.CaptureFixture[str]) -> None:
