@@ -34,6 +34,7 @@ from monai.transforms import (
 
 from .common import DataError, TaskDataModule
 from .medical_check import check_volumes
+from .nifti_io import label_in_original_space, write_nifti_labels
 from .synthetic_volumes import CLASS_NAMES, synthetic_volumes
 
 Intensity = Literal["auto", "ct", "mri"]
@@ -152,6 +153,26 @@ class MedicalDataModule(TaskDataModule):
     @property
     def in_channels(self) -> int:
         return len(self.modalities)
+
+    def write_prediction(self, row: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+        """Write a predicted ``label`` volume ``[1, D, H, W]`` (on the grid of ``affine``) as ``<input name>.nii.gz``,
+        resampled back onto the input file's own grid (``original_affine``, ``original_shape``) with its header's
+        codes. The row is rewritten in place to the CSV's columns (the classes found named by this data), so
+        predictions the trainer keeps hold the file path, not the volume."""
+        if "label" not in row:
+            return row
+        source = Path(row["path"])
+        original = label_in_original_space(row["label"], row["affine"], row["original_affine"], row["original_shape"])
+        affine = np.asarray(row["original_affine"])
+        path = write_nifti_labels(Path(output_dir) / source.name, original, affine, like=source)
+        found = " ".join(self.class_name(int(c)) for c in np.unique(original) if c > 0)
+        written = {"index": row["index"], "path": str(source), "prediction": str(path), "classes_found": found}
+        row.clear()
+        row.update(written)
+        return row
+
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if index < len(self.class_names) else str(index)
 
     def synthetic_root(self) -> Path:
         hp = self.hparams

@@ -2,30 +2,24 @@
 
 ``python -m tasks.medical fit --config configs/unetr.yaml`` (small, CPU) or ``configs/unetr_btcv.yaml``.
 Training sees random ROI crops; validation and testing run sliding-window inference over whole volumes
-and score per-class Dice and HD95 (``medical_metrics.py``); ``predict`` writes one NIfTI label volume per
-input, in the input file's own grid, orientation and affine.
+and score per-class Dice and HD95 (``medical_metrics.py``); ``predict`` hands each input's label volume to the
+DataModule, which writes it as NIfTI in the input file's own grid, orientation and affine.
 """
 
 from __future__ import annotations
 
-import gzip
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
-import nibabel as nib
-import numpy as np
 import torch
-from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
-from monai.transforms import SpatialResample
 from torch import nn
 from torchmetrics import MetricCollection
 
 from backbones.base import FeatureInfo
-from datamodules.io import atomic_write
+from backbones.vit import VisionTransformer
 
 from . import medical_head_weights  # noqa: F401  (registers the decoder key map of MONAI UNETR files)
 from .cli import TaskCLI, run_cli
@@ -169,10 +163,9 @@ class MedicalSegmentationModule(TaskModule):
         self.loss = DiceCELoss(
             to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce, batch=batch_dice
         )
-        roi = sw_roi_size or getattr(self.backbone, "img_size", None)
-        if roi is None:
-            raise ValueError(f"set sw_roi_size: backbone {type(self.backbone).__name__} declares no img_size")
-        self.roi_size = tuple(int(s) for s in roi)
+        if sw_roi_size is None and not isinstance(self.backbone, VisionTransformer):
+            raise ValueError(f"set sw_roi_size: backbone {type(self.backbone).__name__} has no img_size to use instead")
+        self.roi_size = tuple(int(s) for s in (sw_roi_size or self.backbone.img_size))
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.head.to(memory_format=self.memory_format)
         self._spacing: torch.Tensor | None = None
@@ -223,50 +216,19 @@ class MedicalSegmentationModule(TaskModule):
     # --- predict -------------------------------------------------------------------------------------------
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        labels = self.sliding_window(batch["input"]).argmax(1, keepdim=True).cpu()  # [B, 1, D, H, W]
-        out_dir = Path(getattr(self, "predict_output_dir", "predictions"))
-        rows = []
-        for i, index in enumerate(batch["index"].tolist()):
-            source = Path(batch["path"][i])
-            original = label_in_original_space(
-                labels[i], batch["affine"][i].cpu(), batch["original_affine"][i].cpu(), batch["original_shape"][i].tolist()
-            )
-            path = write_nifti_labels(
-                out_dir / source.name, original, batch["original_affine"][i].cpu().numpy(), like=source
-            )
-            present = np.unique(original)
-            rows.append({
-                "index": index, "path": str(source), "prediction": str(path),
-                "classes_found": " ".join(self.class_name(c) for c in present if c > 0),
-            })
-        return rows
-
-
-def label_in_original_space(
-    labels: torch.Tensor, affine: torch.Tensor, original_affine: torch.Tensor, original_shape: Sequence[int]
-) -> np.ndarray:
-    """Resample a label volume ``[1, D, H, W]`` on the preprocessed grid (``affine``) back onto the file's
-    own grid (nearest neighbour), undoing reorientation, resampling and any crop: ``[X, Y, Z]`` uint8."""
-    resample = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)
-    moved = resample(MetaTensor(labels.float(), affine=affine), dst_affine=original_affine, spatial_size=original_shape)
-    return np.asarray(moved[0].round().clamp(0, 255).byte().cpu())
-
-
-def write_nifti_labels(path: Path, labels: np.ndarray, affine: np.ndarray, *, like: Path | None = None) -> Path:
-    """Write ``labels`` as ``.nii.gz`` atomically, with ``affine`` and, when ``like`` is a NIfTI file, its
-    header's qform/sform codes and units, so the mask overlays that scan in any viewer."""
-    header = None
-    if like is not None and str(like).lower().endswith((".nii", ".nii.gz")) and like.is_file():
-        header = nib.load(str(like)).header.copy()
-    img = nib.Nifti1Image(labels.astype(np.uint8), affine, header=header)
-    img.set_data_dtype(np.uint8)
-    img.header.set_slope_inter(1.0, 0.0)
-    if header is not None:
-        img.set_qform(affine, code=int(header["qform_code"]) or 1)
-        img.set_sform(affine, code=int(header["sform_code"]) or 1)
-    data = gzip.compress(img.to_bytes(), compresslevel=1)
-    name = path.name if path.name.endswith(".nii.gz") else path.name.removesuffix(".nii") + ".nii.gz"
-    return atomic_write(path.with_name(name), lambda tmp: Path(tmp).write_bytes(data))
+        """One row per volume: its predicted ``label`` volume ``[1, D, H, W]`` on the preprocessed grid with that grid's
+        ``affine`` and the file's own (``original_affine``, ``original_shape``), for the DataModule's
+        ``write_prediction`` to write back in the input's space."""
+        logits = self.sliding_window(batch["input"])
+        labels = logits.argmax(1, keepdim=True).clamp_(max=255).byte().cpu()  # [B, 1, D, H, W], as the file stores
+        affine, original_affine = batch["affine"].cpu(), batch["original_affine"].cpu()
+        return [
+            {
+                "index": index, "path": batch["path"][i], "label": labels[i], "affine": affine[i],
+                "original_affine": original_affine[i], "original_shape": batch["original_shape"][i].tolist(),
+            }
+            for i, index in enumerate(batch["index"].tolist())
+        ]
 
 
 class MedicalCLI(TaskCLI):
