@@ -213,10 +213,22 @@ class ClassificationModule(TaskModule):
                 label_smoothing=label_smoothing,
                 num_classes=self.num_classes,
             )
-        self.teacher = None
-        if teacher is not None:
-            self.teacher = build_teacher(teacher, num_classes=self.num_classes, pretrained=teacher_pretrained, kwargs=teacher_kwargs)
+        self._teacher: FrozenTeacher | None = None  # built on first use: evaluating a student needs no teacher file
         self._distillation_logits: torch.Tensor | None = None
+
+    @property
+    def teacher(self) -> FrozenTeacher | None:
+        """The frozen teacher, built from ``teacher``/``teacher_pretrained`` when first needed (``None`` without)."""
+        hp = self.hparams
+        if hp.teacher is not None and self._teacher is None:
+            self._teacher = build_teacher(
+                hp.teacher, num_classes=self.num_classes, pretrained=hp.teacher_pretrained, kwargs=hp.teacher_kwargs
+            )
+        return self._teacher
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            _ = self.teacher  # a bad teacher file is an error before training starts
 
     def build_head(self) -> nn.Module:
         return classification_head(self.backbone, self.num_classes, self.hparams.pool, self.hparams.head_drop_rate)
@@ -227,7 +239,7 @@ class ClassificationModule(TaskModule):
     def forward_stage(self, x: torch.Tensor, stage: Stage) -> torch.Tensor:
         """In training with a teacher and a distillation token, the class head's logits (the distillation
         head's are kept for the distillation term); otherwise ``forward``."""
-        if stage != "train" or self.teacher is None or self.head.fc_dist is None:
+        if stage != "train" or self.hparams.teacher is None or self.head.fc_dist is None:
             return self(x)
         logits, self._distillation_logits = self.head.forward_both(pooled_features(self.backbone, "cls", x))
         return logits
@@ -235,7 +247,7 @@ class ClassificationModule(TaskModule):
     def auxiliary_losses(self, batch: dict[str, Any], output: torch.Tensor, stage: Stage) -> dict[str, AuxiliaryLoss]:
         losses = super().auxiliary_losses(batch, output, stage)
         student, self._distillation_logits = self._distillation_logits, None
-        if stage == "train" and self.teacher is not None:
+        if stage == "train" and self.hparams.teacher is not None:
             hp = self.hparams
             teacher = self.teacher(batch["input"])
             student = output if student is None else student.float()
@@ -245,7 +257,7 @@ class ClassificationModule(TaskModule):
         return losses
 
     def task_loss_weight(self, stage: Stage) -> float:
-        return 1.0 - self.hparams.distillation_alpha if self.teacher is not None else 1.0
+        return 1.0 - self.hparams.distillation_alpha if self.hparams.teacher is not None else 1.0
 
     def build_metrics(self, stage: Stage) -> MetricCollection:
         metrics = {"top1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
