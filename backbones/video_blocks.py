@@ -45,7 +45,14 @@ class DividedSpaceTimeBlock(Block):
         self.num_prefix_tokens = num_prefix_tokens
         self.temporal_norm1 = copy.deepcopy(self.norm1)
         self.temporal_attn = copy.deepcopy(self.attn)
+        for layer in self.temporal_attn.modules():
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()  # a fresh draw, as if constructed: not the spatial attention's weights
         self.temporal_fc = nn.Linear(dim, dim)
+        # the release's order, temporal branch first: models initialise their layers in module order, so a model
+        # built from scratch with a given seed starts from the same weights as the release's (and as before)
+        first = ("temporal_norm1", "temporal_attn", "temporal_fc")
+        self._modules = {**{k: self._modules[k] for k in first}, **{k: v for k, v in self._modules.items() if k not in first}}
 
     def reset_temporal(self) -> None:
         """Zero ``temporal_fc`` so the block starts as a spatial-only (image) block."""
