@@ -75,8 +75,9 @@ class LoadReport:
 
 
 def read_checkpoint(path: str | Path) -> StateDict:
-    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``), unwrapping
-    the usual containers (``state_dict``, ``model_state``, ``model``, ...) and ``module.`` prefixes."""
+    """Read a state dict from ``.safetensors``, ``.npz`` (numpy, ``allow_pickle=False``: big_vision's flattened
+    Flax trees) or a torch file (``weights_only=True``), unwrapping the usual containers (``state_dict``,
+    ``model_state``, ``model``, ...) and ``module.`` prefixes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
@@ -85,6 +86,11 @@ def read_checkpoint(path: str | Path) -> StateDict:
             from safetensors.torch import load_file
 
             obj = load_file(str(path))
+        elif path.suffix == ".npz":
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as arrays:
+                obj = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in arrays.files}
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the loaders raise many types; the user needs the file and the reason
