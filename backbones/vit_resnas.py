@@ -372,4 +372,11 @@ def vit_resnas_medium(**kwargs: Any) -> ViTResNAS:
     )
 
 
+@register
+def vit_resnas(**kwargs: Any) -> ViTResNAS:
+    """Any ViT-ResNAS architecture from its full keyword arguments (``embed_dims``, ``num_heads``,
+    ``mlp_hidden_dims``...: what a search writes); unset ones are ViT-ResNAS-Tiny's."""
+    return vit_resnas_tiny(**kwargs)
+
+
 from . import vit_resnas_weights  # noqa: F401  (registers the release checkpoint format)

@@ -1,0 +1,97 @@
+"""The evolutionary search: a tiny super-network trained through the CLI is searched within a MACs budget, resumes
+after its last generation, refuses bad budgets and checkpoints, and its found network runs through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from datamodules.synthetic import shape_image
+from tasks.classification import main as classification_main
+from tasks.search import build_parser
+from tasks.search import main as search_main
+from tasks.search_data import split_holdout
+
+from test_vit_resnas_supernet import TINY
+
+CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs", "search").glob("*.yaml"))
+QUIET = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+         "--trainer.logger=false"]
+
+
+@pytest.fixture(scope="module")
+def supernet_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny super-network fitted for a few steps on 56² shapes (3 classes, 12 training images each)."""
+    root, out = tmp_path_factory.mktemp("shapes56"), tmp_path_factory.mktemp("supernet")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("val", 4)):
+        for kind in ("circle", "square", "triangle"):
+            (root / split / kind).mkdir(parents=True)
+            for i in range(count):
+                shape_image(rng, kind, 56).save(root / split / kind / f"{i}.png")
+    kwargs = json.dumps({**TINY, "num_warmup_epochs": 1})
+    classification_main([
+        "fit", "--seed_everything=0", "--model.backbone=vit_resnas_supernet_tiny", f"--model.backbone_kwargs={kwargs}",
+        "--model.pool=avg", f"--data.root={root}", "--data.image_size=56", "--data.batch_size=8", "--data.num_workers=0",
+        "--trainer.max_epochs=2", f"--trainer.default_root_dir={out}", *QUIET,
+        "--trainer.callbacks+=tasks.search_warmup.SupernetWarmup",
+    ])
+    return root, out / "checkpoints" / "last.ckpt"
+
+
+def search_args(ckpt: Path, out: Path, **budget: float) -> list[str]:
+    args = [f"--ckpt_path={ckpt}", "--supernet=vit_resnas_supernet_tiny", f"--output_dir={out}",
+            "--evolution.population=6", "--evolution.generations=2", "--evolution.parents=3",
+            "--evolution.mutations=3", "--evolution.crossovers=3", "--data.search_holdout_per_class=4",
+            "--latency.repeats=1", "--latency.warmup=0"]
+    return args + [f"--budget.{k}={v}" for k, v in budget.items()]
+
+
+def test_search_keeps_the_budget_resumes_and_its_network_runs_through_the_cli(supernet_ckpt, tmp_path: Path) -> None:
+    root, ckpt = supernet_ckpt
+    out = tmp_path / "search"
+    found = search_main(search_args(ckpt, out, macs=1.65e6))
+    with open(out / "candidates.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 + 2 * 6 and {r["generation"] for r in rows} == {"0", "1", "2"}
+    assert all(0.975 * 1.65e6 <= int(r["macs"]) <= 1.65e6 and float(r["latency_ms"]) > 0 for r in rows)
+    assert float(rows[0]["top1"]) == max(float(r["top1"]) for r in rows)
+    state = json.loads((out / "state.json").read_text())
+    assert state["generation"] == 2 and len(state["records"]) == 18
+
+    # a third generation resumes after the second: the 18 candidates are not evaluated again
+    search_main(search_args(ckpt, out, macs=1.65e6)[:4] + ["--evolution.generations=3"] + search_args(ckpt, out, macs=1.65e6)[5:])
+    assert len(json.loads((out / "state.json").read_text())["records"]) == 24
+
+    recipe = yaml.safe_load(found.read_text())
+    assert recipe["model"]["backbone"] == "vit_resnas" and Path(recipe["model"]["pretrained"]).is_file()
+    common = [f"--config={found}", "--data.num_workers=0", f"--trainer.default_root_dir={tmp_path / 'runs'}", *QUIET]
+    classification_main(["fit", *common, "--trainer.fast_dev_run=true"])
+
+
+def test_bad_budgets_and_checkpoints_are_refused(supernet_ckpt, tmp_path: Path) -> None:
+    _, ckpt = supernet_ckpt
+    with pytest.raises(ValueError, match=r"below the smallest reachable MACs \d+ "):
+        search_main(search_args(ckpt, tmp_path, macs=1e6))
+    other = search_args(ckpt, tmp_path, macs=1.65e6)
+    other[1] = "--supernet=vit_resnas_supernet_small"
+    with pytest.raises(ValueError, match="'vit_resnas_supernet_tiny'.*'vit_resnas_supernet_small'"):
+        search_main(other)
+
+
+def test_holdout_is_a_fixed_part_of_the_training_list() -> None:
+    samples = [(Path(f"c{c}/{i}.png"), c) for c in range(3) for i in range(10)]
+    train, holdout = split_holdout(samples, 4)
+    assert len(holdout) == 12 and not set(train) & set(holdout) and len(train) == 18
+    assert split_holdout(list(reversed(samples)), 4) == (train, holdout)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_search_configs_parse(config: Path) -> None:
+    cfg = build_parser().parse_args([f"--config={config}", "--ckpt_path=x.ckpt"])
+    assert cfg.supernet.startswith("vit_resnas_supernet_") and cfg.budget.macs > 0
