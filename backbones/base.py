@@ -72,8 +72,8 @@ class Backbone(AuxiliaryLossSource):
       (called by ``backbones.weights.load_pretrained``);
     - pooled features of the architecture's own head: ``forward_pooled`` (``has_pooled``);
     - auxiliary losses: ``add_auxiliary_loss`` / ``pop_auxiliary_losses`` (``AuxiliaryLossSource``);
-    - dynamic networks: ``sample_subnet`` / ``set_subnet`` (``is_dynamic``), called before every training
-      step by ``tasks.run_state.DynamicChoices`` with a generator seeded from ``(seed, epoch, batch)``.
+    - dynamic networks: ``set_epoch``, ``sample_subnet`` / ``set_subnet`` (``is_dynamic``), called before every
+      training step by ``tasks.run_state.DynamicChoices`` with a generator seeded from ``(seed, epoch, batch)``.
     """
 
     feature_info: list[FeatureInfo]
@@ -129,6 +129,10 @@ class Backbone(AuxiliaryLossSource):
     @property
     def is_dynamic(self) -> bool:
         return type(self).sample_subnet is not Backbone.sample_subnet
+
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch the next draws belong to (a super-network widens its choices over the first epochs);
+        called before every ``sample_subnet``, so a resumed run knows it too."""
 
     def sample_subnet(self, generator: torch.Generator) -> Any:
         """Draw the dynamic choices of the next training step (a sub-network) from ``generator`` alone, so

@@ -6,7 +6,7 @@ attention and the first hidden units of the MLP; some blocks may be skipped. In 
 ``examples_per_subnet`` examples of a batch runs its own sub-network (multi-architectural sampling): per-example
 masks zero the channels a group does not use, LayerNorm normalises over the active channels only, and a skipped
 block's residual branches are zeroed. Allowed choices widen from the largest only to all over
-``num_warmup_epochs`` (the epoch is set by ``tasks.search_warmup.SupernetWarmup``).
+``num_warmup_epochs`` (the epoch comes through ``set_epoch`` before every draw).
 
 A sub-network is a plain dict (YAML- and JSON-friendly)::
 
@@ -230,10 +230,13 @@ class ViTResNASSupernet(ViTResNAS):
         self.max_groups = max_groups
         self.num_warmup_epochs = num_warmup_epochs
         self.epoch: int | None = None
-        """The training epoch for the warm-up (``SupernetWarmup`` sets it); ``None`` allows every choice."""
+        """The training epoch for the warm-up (``set_epoch``); ``None`` allows every choice."""
         self.active: list[SubnetConfig] | None = None
 
     # --- choosing sub-networks --------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def sample_subnet(self, generator: torch.Generator) -> list[SubnetConfig]:
         genes = [allowed_choices(ch, self.epoch, self.num_warmup_epochs) for _, ch in self.space.genes()]

@@ -42,7 +42,8 @@ class StepSeeding(L.Callback):
 
 
 class DynamicChoices(L.Callback):
-    """Before each training step, draw the backbone's dynamic choices (``Backbone.sample_subnet``) from a
+    """Before each training step, tell the backbone the epoch (``set_epoch``) and draw its dynamic choices
+    (``Backbone.sample_subnet``) from a
     generator seeded by ``(seed, epoch, batch)`` (0 when the run has no seed) and make them active
     (``set_subnet``); validation, testing and prediction run the full network (``set_subnet(None)``).
     Does nothing for a fixed backbone."""
@@ -53,9 +54,9 @@ class DynamicChoices(L.Callback):
         backbone = pl_module.backbone
         if not backbone.is_dynamic:
             return
-        generator = torch.Generator().manual_seed(
-            derive_seed(run_seed() or 0, self.salt, trainer.current_epoch, batch_idx)
-        )
+        epoch = trainer.current_epoch
+        generator = torch.Generator().manual_seed(derive_seed(run_seed() or 0, self.salt, epoch, batch_idx))
+        backbone.set_epoch(epoch)
         backbone.set_subnet(backbone.sample_subnet(generator))
 
     def _full(self, pl_module: L.LightningModule) -> None:

@@ -39,7 +39,6 @@ def supernet_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
         "fit", "--seed_everything=0", "--model.backbone=vit_resnas_supernet_tiny", f"--model.backbone_kwargs={kwargs}",
         "--model.pool=avg", f"--data.root={root}", "--data.image_size=56", "--data.batch_size=8", "--data.num_workers=0",
         "--trainer.max_epochs=2", f"--trainer.default_root_dir={out}", *QUIET,
-        "--trainer.callbacks+=tasks.search_warmup.SupernetWarmup",
     ])
     return root, out / "checkpoints" / "last.ckpt"
 
