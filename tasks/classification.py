@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -18,10 +19,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from backbones import Backbone, create_backbone
 from backbones.base import AuxiliaryLoss, PoolType
+from backbones.token_pruning import DynamicViT
 
 from .cli import run_cli
-from .distillation import DistillationKind, FrozenTeacher, distillation_loss
+from .distillation import DistillationKind, FrozenTeacher, distillation_loss, token_distillation_loss
 from .module import Stage, TaskModule
+from .optimization import drop_frozen_gradients, parameter_groups
 
 
 class ClassificationHead(nn.Module):
@@ -36,8 +39,9 @@ class ClassificationHead(nn.Module):
         num_prefix_tokens: leading non-patch tokens (class token) in the token sequence.
         num_heads: heads of the ``map`` pooling.
         drop_rate: dropout before the classifier.
-        distilled: a second classifier ``fc_dist`` on the distillation token (DeiT; token 1, ``pool='cls'``);
-            ``forward`` averages the two classifiers' logits, ``forward_both`` returns them apart.
+        distilled: a second classifier ``fc_dist`` on the distillation token (DeiT; token 1, ``pool='cls'``), or
+            with ``pool='native'`` on the same pooled features (EfficientFormerV2); ``forward`` averages the two
+            classifiers' logits, ``forward_both`` returns them apart.
     """
 
     def __init__(
@@ -54,8 +58,11 @@ class ClassificationHead(nn.Module):
         super().__init__()
         if pool == "cls" and num_prefix_tokens == 0:
             raise ValueError("pool='cls' needs a backbone with a class token; use 'avg' or 'map'")
-        if distilled and (pool != "cls" or num_prefix_tokens < 2):
-            raise ValueError("a distilled head reads the class and distillation tokens: pool='cls', 2 prefix tokens")
+        if distilled and pool != "native" and (pool != "cls" or num_prefix_tokens < 2):
+            raise ValueError(
+                "a distilled head reads the class and distillation tokens (pool='cls', 2 prefix tokens) or the "
+                "backbone's own pooled features (pool='native')"
+            )
         self.pool = pool
         self.num_prefix_tokens = num_prefix_tokens
         self.attn_pool = AttentionPoolLatent(in_features, num_heads=num_heads) if pool == "map" else None
@@ -63,7 +70,11 @@ class ClassificationHead(nn.Module):
         self.fc = nn.Linear(in_features, num_classes)
         self.fc_dist = nn.Linear(in_features, num_classes) if distilled else None
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, K]``; ``token_weights`` ``[B, P + N]`` (1 kept, 0 dropped) restricts ``avg`` pooling to the
+        tokens a pruned backbone kept in training (``DynamicViT.token_weights``), where dropped ones are still there."""
+        if token_weights is not None and self.pool == "map":
+            raise ValueError("pool='map' cannot leave out pruned tokens; pool a token-pruned backbone by 'cls' or 'avg'")
         if self.fc_dist is not None:
             logits, dist = self.forward_both(features)
             return (logits + dist) / 2
@@ -71,6 +82,9 @@ class ClassificationHead(nn.Module):
             x = features  # [B, C]
         elif self.pool == "cls":
             x = features[:, 0]  # [B, P + N, C] -> [B, C]
+        elif self.pool == "avg" and token_weights is not None:
+            w = token_weights[:, self.num_prefix_tokens :, None].to(features.dtype)  # [B, N, 1]
+            x = (features[:, self.num_prefix_tokens :] * w).sum(1) / w.sum(1).clamp_min(1e-6)
         elif self.pool == "avg":
             x = features[:, self.num_prefix_tokens :].mean(1)
         else:
@@ -81,6 +95,9 @@ class ClassificationHead(nn.Module):
         """Logits of the class-token and distillation-token classifiers, ``([B, K], [B, K])``."""
         if self.fc_dist is None:
             raise TypeError("forward_both needs a head built with distilled=True")
+        if self.pool == "native":
+            x = self.drop(features)  # [B, C]
+            return self.fc(x), self.fc_dist(x)
         return self.fc(self.drop(features[:, 0])), self.fc_dist(self.drop(features[:, 1]))
 
 
@@ -104,6 +121,13 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(pooled_features(self.backbone, self.head.pool, x))
 
+    def forward_with_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the backbone's final tokens (a teacher's, for token distillation)."""
+        if self.head.pool == "native" or not self.backbone.has_tokens:
+            raise TypeError(f"{type(self.backbone).__name__} with pool={self.head.pool!r} gives no tokens")
+        tokens = self.backbone.forward_tokens(x)
+        return self.head(tokens), tokens
+
 
 def classification_head(
     backbone: Backbone, num_classes: int, pool: PoolType | None, drop_rate: float = 0.0
@@ -111,12 +135,15 @@ def classification_head(
     """The head for ``backbone``: its default pooling unless told, checked against what it can do."""
     pool = pool or backbone.default_pool
     if pool == "native" and not backbone.has_pooled:
-        raise ValueError(f"pool='native' needs a timm backbone; {type(backbone).__name__} pools by cls/avg/map")
+        raise ValueError(
+            f"pool='native' needs a backbone with its own pooling (timm, EfficientFormerV2); "
+            f"{type(backbone).__name__} pools by cls/avg/map"
+        )
     if pool == "cls" and not backbone.has_tokens:
         raise ValueError("pool='cls' needs a token backbone (a ViT); use 'avg', 'map' or 'native'")
     return ClassificationHead(
         backbone.num_features, num_classes, pool=pool, num_prefix_tokens=backbone.num_prefix_tokens,
-        drop_rate=drop_rate, distilled=backbone.distilled and pool == "cls",
+        drop_rate=drop_rate, distilled=backbone.distilled and pool in ("cls", "native"),
     )
 
 
@@ -165,11 +192,27 @@ class ClassificationModule(TaskModule):
         teacher_pretrained: the teacher's weights: any file the loader reads, a checkpoint of ours, or for
             ``timm:`` names a timm state dict with its classifier. Only the name and file are saved with our
             checkpoints, never the teacher's weights.
-        distillation: ``soft`` (KL at temperature ``distillation_tau``) or ``hard`` (the teacher's argmax as
-            label, DeiT's choice); with a distillation token (``backbone_kwargs: {distilled: true}``) the term
-            applies to the distillation head and the class head keeps the true labels.
-        distillation_alpha: the objective is ``(1 - alpha) * task loss + alpha * distillation loss``.
-        distillation_tau: temperature of ``soft`` distillation.
+        distillation: ``soft`` (KL at temperature ``distillation_tau``, DeiT's normalisation), ``kl`` (the same per
+            sample, DynamicViT's) or ``hard`` (the teacher's argmax as label, DeiT's choice); with a distillation
+            token (``backbone_kwargs: {distilled: true}``) the term applies to the distillation head and the class
+            head keeps the true labels.
+        distillation_alpha: the objective is ``(1 - alpha) * task loss + alpha * distillation loss``; with
+            ``token_pruning`` it is DynamicViT's: ``task loss + alpha * distillation loss + alpha * token_distill``
+            (the release's ``distill_weight`` for both) ``+ 2 * keep_ratio``.
+        distillation_tau: temperature of ``soft`` and ``kl`` distillation.
+        token_pruning: prune tokens as DynamicViT does (``backbones.token_pruning``; a ViT or TimeSformer backbone):
+            prediction modules before blocks ``prune_at`` keep ``keep_ratio`` of the patch tokens each; hard
+            Gumbel decisions as an attention mask in training, gathered top-k tokens at inference. Its
+            losses: ``keep_ratio`` and, with a teacher (the dense model it starts from), ``token_distill``, the
+            MSE between the student's kept final tokens and the teacher's. Class token, distillation token and
+            position embeddings stay frozen.
+        keep_ratio, prune_at: see ``DynamicViT.from_vit`` (defaults 0.7; blocks 3, 6, 9 of 12, scaled to the depth).
+        pretrained_lr_mult: with ``token_pruning``, the learning rate of the pretrained network (backbone and
+            head) relative to ``lr``, which the new prediction modules take (DynamicViT: 0.01).
+        pretrained_frozen_epochs: with ``token_pruning``, the first epochs during which the pretrained network
+            stays fixed and only the prediction modules learn (DynamicViT: 5).
+        save_token_maps: with ``token_pruning``, ``predict`` also writes each image's kept-token maps (one panel per
+            stage) as ``<output_dir>/token_maps/<index>_<name>.png`` and names the file in the ``token_map`` column.
         **kwargs: backbone, data link and optimisation recipe of ``TaskModule``.
     """
 
@@ -190,9 +233,21 @@ class ClassificationModule(TaskModule):
         distillation: DistillationKind = "none",
         distillation_alpha: float = 0.5,
         distillation_tau: float = 1.0,
+        token_pruning: bool = False,
+        keep_ratio: float = 0.7,
+        prune_at: tuple[int, ...] | None = None,
+        pretrained_lr_mult: float = 1.0,
+        pretrained_frozen_epochs: int = 0,
+        save_token_maps: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # builds the backbone, then ``build_head`` (which adds token pruning), then loads weights
+        if not token_pruning and (save_token_maps or pretrained_lr_mult != 1.0 or pretrained_frozen_epochs):
+            raise ValueError("save_token_maps, pretrained_lr_mult and pretrained_frozen_epochs need token_pruning=true")
+        if token_pruning and self.hparams.freeze_backbone:
+            raise ValueError("freeze_backbone would freeze the token-pruning prediction modules too; use pretrained_frozen_epochs")
+        if token_pruning and teacher is not None and teacher.startswith("timm:"):
+            raise ValueError(f"token_pruning distils the teacher's tokens: the teacher must be one of our ViTs, not {teacher!r}")
         if (teacher is None) != (distillation == "none"):
             raise ValueError(
                 f"teacher={teacher!r} with distillation={distillation!r}: a teacher needs distillation 'soft' or "
@@ -215,6 +270,7 @@ class ClassificationModule(TaskModule):
             )
         self._teacher: FrozenTeacher | None = None  # built on first use: evaluating a student needs no teacher file
         self._distillation_logits: torch.Tensor | None = None
+        self._student_tokens: torch.Tensor | None = None
 
     @property
     def teacher(self) -> FrozenTeacher | None:
@@ -231,33 +287,97 @@ class ClassificationModule(TaskModule):
             _ = self.teacher  # a bad teacher file is an error before training starts
 
     def build_head(self) -> nn.Module:
-        return classification_head(self.backbone, self.num_classes, self.hparams.pool, self.hparams.head_drop_rate)
+        hp = self.hparams
+        if hp.token_pruning:  # here, so the head reads the pruned backbone and pretrained weights load into it
+            self.backbone = DynamicViT.from_vit(self.backbone, keep_ratio=hp.keep_ratio, prune_at=hp.prune_at)
+            for param in (self.backbone.cls_token, self.backbone.dist_token, self.backbone.pos_embed, self.backbone.time_embed):
+                if param is not None:
+                    param.requires_grad_(False)
+        head = classification_head(self.backbone, self.num_classes, hp.pool, hp.head_drop_rate)
+        if hp.token_pruning and head.pool == "map":
+            raise ValueError("token_pruning with pool='map' is not supported: pool by 'cls' or 'avg'")
+        return head
+
+    @property
+    def pruned(self) -> bool:
+        return isinstance(self.backbone, DynamicViT)
+
+    def token_weights(self) -> torch.Tensor | None:
+        """The keep state of the tokens of the last forward pass (token pruning in training), else ``None``."""
+        return self.backbone.token_weights if isinstance(self.backbone, DynamicViT) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(pooled_features(self.backbone, self.head.pool, x))
+        return self.head(pooled_features(self.backbone, self.head.pool, x), self.token_weights())
 
     def forward_stage(self, x: torch.Tensor, stage: Stage) -> torch.Tensor:
-        """In training with a teacher and a distillation token, the class head's logits (the distillation
-        head's are kept for the distillation term); otherwise ``forward``."""
-        if stage != "train" or self.hparams.teacher is None or self.head.fc_dist is None:
+        """In training with a teacher: the class head's logits, keeping the distillation head's (with a
+        distillation token) and the pruned backbone's tokens for the distillation terms; otherwise ``forward``."""
+        if stage != "train" or self.hparams.teacher is None:
             return self(x)
-        logits, self._distillation_logits = self.head.forward_both(pooled_features(self.backbone, "cls", x))
+        features = pooled_features(self.backbone, self.head.pool, x)
+        self._student_tokens = features if self.pruned else None
+        if self.head.fc_dist is None:
+            return self.head(features, self.token_weights())
+        logits, self._distillation_logits = self.head.forward_both(features)
         return logits
 
     def auxiliary_losses(self, batch: dict[str, Any], output: torch.Tensor, stage: Stage) -> dict[str, AuxiliaryLoss]:
         losses = super().auxiliary_losses(batch, output, stage)
         student, self._distillation_logits = self._distillation_logits, None
+        tokens, self._student_tokens = self._student_tokens, None
         if stage == "train" and self.hparams.teacher is not None:
             hp = self.hparams
-            teacher = self.teacher(batch["input"])
+            if tokens is None:
+                teacher = self.teacher(batch["input"])
+            else:
+                teacher, teacher_tokens = self._teacher_with_tokens(batch["input"])
             student = output if student is None else student.float()
             with torch.autocast(self.device.type, enabled=False):
                 term = distillation_loss(student, teacher, hp.distillation, hp.distillation_tau)
-            losses["distill"] = AuxiliaryLoss(term, hp.distillation_alpha)
+                losses["distill"] = AuxiliaryLoss(term, hp.distillation_alpha)
+                if tokens is not None:
+                    losses["token_distill"] = AuxiliaryLoss(self._token_distillation(tokens, teacher_tokens), hp.distillation_alpha)
         return losses
 
+    def _teacher_with_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        teacher = self.teacher
+        if not (isinstance(teacher.network, Classifier) and teacher.network.backbone.has_tokens):
+            raise ValueError(
+                f"token_pruning distils the teacher's tokens: the teacher must be one of our token backbones (the dense "
+                f"ViT the pruned one starts from), not {type(teacher.network).__name__}"
+            )
+        return teacher.forward_with_tokens(x)
+
+    def _token_distillation(self, tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
+        """MSE between the student's kept final patch tokens and the dense teacher's (prefix tokens left out)."""
+        p, weights = self.backbone.num_prefix_tokens, self.token_weights()
+        teacher_patches = teacher_tokens[:, self.teacher.network.backbone.num_prefix_tokens :]
+        return token_distillation_loss(tokens[:, p:].float(), teacher_patches, None if weights is None else weights[:, p:])
+
     def task_loss_weight(self, stage: Stage) -> float:
-        return 1.0 - self.hparams.distillation_alpha if self.hparams.teacher is not None else 1.0
+        return 1.0 - self.hparams.distillation_alpha if self.hparams.teacher is not None and not self.pruned else 1.0
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """With token pruning, DynamicViT's groups: the prediction modules at ``lr``, the pretrained backbone and
+        head at ``lr * pretrained_lr_mult`` and fixed for the first ``pretrained_frozen_epochs``."""
+        if not self.pruned:
+            return super().parameter_groups()
+        hp = self.hparams
+        lr = hp.lr * hp.pretrained_lr_mult
+        head_wd = hp.weight_decay if hp.head_weight_decay is None else hp.head_weight_decay
+        vit = [(n, p) for n, p in self.backbone.named_parameters() if not n.startswith("predictors.")]
+        parts = [
+            ("backbone", vit, lr, hp.weight_decay), ("head", self.head, lr * hp.head_lr_mult, head_wd),
+            ("predictors", self.backbone.predictors, hp.lr, hp.weight_decay),
+        ]
+        groups = parameter_groups(parts, self.backbone.no_weight_decay())
+        for group in groups:
+            if not group["name"].startswith("predictors"):
+                group["frozen_epochs"] = hp.pretrained_frozen_epochs
+        return groups
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        drop_frozen_gradients(optimizer, self.current_epoch)
 
     def build_metrics(self, stage: Stage) -> MetricCollection:
         metrics = {"top1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
@@ -286,10 +406,23 @@ class ClassificationModule(TaskModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         probs = self(batch["input"]).float().softmax(-1)
         conf, pred = probs.max(-1)
-        return [
+        rows = [
             {"index": int(i), "path": p, "predicted_class": self.class_name(c), "probability": f"{v:.6f}"}
             for i, p, c, v in zip(batch["index"].tolist(), batch["path"], pred.tolist(), conf.tolist())
         ]
+        if self.hparams.save_token_maps:
+            self._write_token_maps(batch["input"], rows)
+        return rows
+
+    def _write_token_maps(self, x: torch.Tensor, rows: list[dict[str, Any]]) -> None:
+        """The kept-token maps of the last forward pass over ``x``, one PNG per row (named in ``token_map``)."""
+        from .token_maps import write_token_maps
+
+        grid = self.backbone.unit_grid(self.backbone.patch_embed.grid(x.shape[2:]))
+        names = [f"{row['index']}_{Path(row['path']).stem}" for row in rows]
+        out_dir = Path(getattr(self, "predict_output_dir", "predictions")) / "token_maps"
+        for row, path in zip(rows, write_token_maps(x, self.backbone.kept_units, grid, names, out_dir)):
+            row["token_map"] = str(path)
 
 
 def main(args: Any = None) -> None:

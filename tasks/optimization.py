@@ -14,16 +14,19 @@ OptimizerName = Literal["adamw", "sgd", "adafactor", "adafactor_bv"]
 ScheduleName = Literal["cosine", "linear", "poly", "step", "constant", "rsqrt"]
 
 
+NamedParameters = Iterable[tuple[str, nn.Parameter]]
+
+
 def parameter_groups(
-    parts: Iterable[tuple[str, nn.Module, float, float]], no_decay_names: set[str] = frozenset()
+    parts: Iterable[tuple[str, nn.Module | NamedParameters, float, float]], no_decay_names: set[str] = frozenset()
 ) -> list[dict[str, Any]]:
-    """One pair of groups per ``(name, module, lr, weight_decay)`` part: decayed weights and undecayed
-    norms/biases/embeddings (1-D tensors, ``no_decay_names`` of the backbone, ``pos_embed``, ``cls_token``).
-    Frozen parameters are left out."""
+    """One pair of groups per ``(name, module, lr, weight_decay)`` part (``module`` may also be ``(name, parameter)``
+    pairs, a module's share): decayed weights and undecayed norms/biases/embeddings (1-D tensors,
+    ``no_decay_names`` of the backbone, ``pos_embed``, ``cls_token``). Frozen parameters are left out."""
     groups: list[dict[str, Any]] = []
     for part, module, lr, wd in parts:
         decay, no_decay = [], []
-        for name, param in module.named_parameters():
+        for name, param in module.named_parameters() if isinstance(module, nn.Module) else module:
             if not param.requires_grad:
                 continue
             skip = param.ndim <= 1 or name in no_decay_names or name.endswith(("pos_embed", "cls_token"))
@@ -34,6 +37,15 @@ def parameter_groups(
     if not groups:
         raise ValueError("no trainable parameters (is freeze_backbone set on a model without a head?)")
     return groups
+
+
+def drop_frozen_gradients(optimizer: torch.optim.Optimizer, epoch: int) -> None:
+    """Hold the groups marked ``frozen_epochs`` fixed before that epoch: their gradients are dropped, so the
+    optimizer skips them (no update, no weight decay, no moment statistics) whatever the schedule's lr."""
+    for group in optimizer.param_groups:
+        if epoch < group.get("frozen_epochs", 0):
+            for param in group["params"]:
+                param.grad = None
 
 
 def build_optimizer(

@@ -23,7 +23,9 @@ from .module import Stage
 class VideoClassificationModule(ClassificationModule):
     """Clip classifier: video backbone, pooling head, cross-entropy; test and predict average the
     softmax scores of every view of a video (``[B, V, C, T, H, W]`` batches: clips × crops). Distillation
-    from a frozen video teacher and mixup work as in ``ClassificationModule`` (cutmix does not: it cuts images).
+    from a frozen video teacher, token pruning (``token_pruning``: over all T×N tokens under joint attention, over
+    whole spatial positions across frames under divided attention) and mixup work as in ``ClassificationModule``
+    (cutmix and ``save_token_maps`` do not: they are for images).
 
     Args:
         views_per_forward: at most this many clips per forward pass when testing many views (bounds
@@ -38,6 +40,8 @@ class VideoClassificationModule(ClassificationModule):
             raise ValueError(f"{kwargs['backbone']!r} takes images; use a video backbone (e.g. timesformer_base_patch16)")
         if self.hparams.cutmix_alpha > 0:
             raise ValueError("cutmix_alpha is for images; use mixup_alpha for video clips")
+        if self.hparams.save_token_maps:
+            raise ValueError("save_token_maps draws over images; it is not available for video clips")
         self.skipped: dict[str, int] = {"train": 0, "val": 0, "test": 0}
 
     def build_head(self) -> nn.Module:
