@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +48,27 @@ def scan_image_folder(folder: Path, classes: Sequence[str] | None = None) -> tup
             raise DataError(f"class folder {folder / name} holds no image files")
         samples += [(p, classes.index(name)) for p in images]
     return list(classes), samples
+
+
+def split_holdout(
+    samples: Sequence[tuple[Path, int]], per_class: int, seed: int = 0
+) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """``(train, holdout)``: per class, ``per_class`` images picked by a shuffle of the sorted paths seeded by
+    ``(seed, class)``, so the same files are held out on every machine and by every run: the super-network's
+    training (``search_holdout_per_class``) and the search's fitness use this one rule. A smaller ``per_class``
+    holds out a subset of a larger one. A class with too few images raises."""
+    by_class: dict[int, list[Path]] = defaultdict(list)
+    for path, label in samples:
+        by_class[label].append(path)
+    train, holdout = [], []
+    for label in sorted(by_class):
+        paths = sorted(by_class[label])
+        if len(paths) <= per_class:
+            raise DataError(f"class {label} has {len(paths)} training images; cannot hold out {per_class} and train")
+        random.Random(f"{seed}-{label}").shuffle(paths)
+        holdout += [(p, label) for p in paths[:per_class]]
+        train += [(p, label) for p in paths[per_class:]]
+    return sorted(train), sorted(holdout)
 
 
 class TimmRandAugment:
@@ -98,6 +121,8 @@ class ClassificationDataModule(TaskDataModule):
         batch_size: per process; the effective batch is ``batch_size * devices * nodes * accumulate``.
         num_workers: loader processes.
         check_files: open every image header at setup so a corrupt file fails now, not mid-epoch.
+        search_holdout_per_class: training images per class left out of training (``split_holdout``) for a
+            network search's fitness (``python -m tasks.search``); 0 trains on all of them.
         synthetic_size, synthetic_train_per_class: shape of the default data set.
     """
 
@@ -122,10 +147,13 @@ class ClassificationDataModule(TaskDataModule):
         batch_size: int = 32,
         num_workers: int | None = None,
         check_files: bool = True,
+        search_holdout_per_class: int = 0,
         synthetic_size: int = 64,
         synthetic_train_per_class: int = 400,
     ) -> None:
         super().__init__(root, num_workers)
+        if search_holdout_per_class < 0:
+            raise ValueError(f"search_holdout_per_class must be 0 or more, got {search_holdout_per_class}")
         self.save_hyperparameters()
         if self.root is None:
             self.class_names = list(SHAPE_CLASSES)
@@ -172,8 +200,23 @@ class ClassificationDataModule(TaskDataModule):
             ]
         )
 
+    def training_samples(self) -> list[tuple[Path, int]]:
+        """The training split's ``(path, class index)`` samples, the search hold-out left out."""
+        _, samples = scan_image_folder(self.data_root() / self.hparams.train_dir, self.class_names)
+        if self.hparams.search_holdout_per_class:
+            samples, _ = split_holdout(samples, self.hparams.search_holdout_per_class)
+        return samples
+
+    def search_holdout(self, per_class: int) -> list[tuple[Path, int]]:
+        """``per_class`` training images per class held out for a network search's fitness (``split_holdout``)."""
+        _, samples = scan_image_folder(self.data_root() / self.hparams.train_dir, self.class_names)
+        return split_holdout(samples, per_class)[1]
+
     def _split(self, folder: str, transform: A.Compose) -> ImageFolderDataset:
         _, samples = scan_image_folder(self.data_root() / folder, self.class_names)
+        return self._dataset(samples, transform)
+
+    def _dataset(self, samples: list[tuple[Path, int]], transform: A.Compose) -> ImageFolderDataset:
         if self.hparams.check_files:
             check_images([p for p, _ in samples])
         return ImageFolderDataset(samples, transform)
@@ -181,7 +224,7 @@ class ClassificationDataModule(TaskDataModule):
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if stage == "fit":
-            self.datasets["train"] = self._split(hp.train_dir, self.train_transform())
+            self.datasets["train"] = self._dataset(self.training_samples(), self.train_transform())
             self.datasets["val"] = self._split(hp.val_dir, self.eval_transform())
         elif stage == "validate":
             self.datasets["val"] = self._split(hp.val_dir, self.eval_transform())

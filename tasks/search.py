@@ -9,7 +9,7 @@ width, on a hold-out of ``data.search_holdout_per_class`` training images per cl
 The evolution is ``search_evolution.Evolution``. After every generation ``<output_dir>/state.json`` holds every
 evaluated candidate, so a killed search started again with the same config resumes after the last finished
 generation. At the end: ``candidates.csv`` (generation, top-1, MACs, params, latency, architecture),
-``pareto.png`` (when matplotlib is installed), and the best candidate as ``found.yaml`` (``backbone: vit_resnas``
+``pareto.png`` (top-1 against MACs, and latency when measured), and the best candidate as ``found.yaml`` (``backbone: vit_resnas``
 with its architecture, ``pretrained: found.pth``) plus ``found.pth``, its weights and classifier sliced from the
 super-network: ``python -m tasks.classification validate --config found.yaml`` evaluates it, ``fit`` fine-tunes it.
 """
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from backbones.vit_resnas_supernet import SubnetConfig, ViTResNASSupernet
 from tasks.classification import ClassificationHead, ClassificationModule, Classifier
 
-from .search_data import holdout_batches
+from .search_data import check_holdout_unseen, holdout_batches
 from .search_evolution import Evolution, EvolutionSettings, Genes
 from .search_latency import LatencyTable
 
@@ -227,15 +227,12 @@ class Search:
         path.write_text(header + yaml.safe_dump(_plain(found), sort_keys=False))
         return path
 
-    def write_plot(self) -> Path | None:
-        try:
-            import matplotlib
+    def write_plot(self) -> Path:
+        import matplotlib
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib is not installed: no pareto.png written (the numbers are in candidates.csv)")
-            return None
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
         records = list(self.records.values())
         axes_of = [("macs", "MACs")] + ([("latency_ms", "latency (ms)")] if self.table is not None else [])
         fig, axes = plt.subplots(1, len(axes_of), figsize=(6 * len(axes_of), 4.5), squeeze=False)
@@ -293,6 +290,7 @@ def search(
         data_hparams["root"] = data.root
     settings = {"ckpt_path": str(Path(ckpt_path).resolve()), "budget": asdict(budget), "evolution": {k: v for k, v in asdict(evolution).items() if k != "generations"},  # more generations resume
                 "holdout": data.search_holdout_per_class, "root": data_hparams.get("root")}
+    check_holdout_unseen(data_hparams, data.search_holdout_per_class)
     batches = holdout_batches(data_hparams, data.search_holdout_per_class, data.batch_size, data.num_workers)
     done = run.load_state(settings)
     for generation in range(done + 1, evolution.generations + 1):
@@ -306,7 +304,7 @@ def search(
         print(f"generation {generation}: {len(children)} candidates ({len(children) / max(minutes, 1e-9):.1f}/min), "
               f"best top-1 {max(scores):.4f}, median {statistics.median(scores):.4f}, {len(scores)} evaluated", flush=True)
     run.write_plot()
-    found = run.write_found(data_hparams)
+    found = run.write_found({**data_hparams, "search_holdout_per_class": 0})  # the found network trains on all
     initial = [r.top1 for r in run.records.values() if r.generation == 0]
     print(f"best hold-out top-1 {run.records[run.ranked()[0]].top1:.4f} (median of the initial population "
           f"{statistics.median(initial):.4f}); wrote {found}", flush=True)

@@ -1,5 +1,6 @@
-"""The evolutionary search: a tiny super-network trained through the CLI is searched within a MACs budget, resumes
-after its last generation, refuses bad budgets and checkpoints, and its found network runs through the CLI."""
+"""The evolutionary search: a tiny super-network trained through the CLI (its hold-out left out) is searched within a
+MACs budget, resumes after its last generation, plots its Pareto front, refuses bad budgets and checkpoints, and its
+found network runs through the CLI; the hold-out the search scores on is exactly what training left out."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from PIL import Image
 
+from datamodules.classification import ClassificationDataModule, split_holdout
 from datamodules.synthetic import shape_image
 from tasks.classification import main as classification_main
 from tasks.search import build_parser
 from tasks.search import main as search_main
-from tasks.search_data import split_holdout
+from tasks.search_data import holdout_dataset
 
 from test_vit_resnas_supernet import TINY
 
@@ -26,7 +30,8 @@ QUIET = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--
 
 @pytest.fixture(scope="module")
 def supernet_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny super-network fitted for a few steps on 56² shapes (3 classes, 12 training images each)."""
+    """A tiny super-network fitted for a few steps on 56² shapes (3 classes, 12 training images each, 4 of them held
+    out for the search)."""
     root, out = tmp_path_factory.mktemp("shapes56"), tmp_path_factory.mktemp("supernet")
     rng = np.random.default_rng(0)
     for split, count in (("train", 12), ("val", 4)):
@@ -38,6 +43,7 @@ def supernet_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     classification_main([
         "fit", "--seed_everything=0", "--model.backbone=vit_resnas_supernet_tiny", f"--model.backbone_kwargs={kwargs}",
         "--model.pool=avg", f"--data.root={root}", "--data.image_size=56", "--data.batch_size=8", "--data.num_workers=0",
+        "--data.search_holdout_per_class=4",
         "--trainer.max_epochs=2", f"--trainer.default_root_dir={out}", *QUIET,
     ])
     return root, out / "checkpoints" / "last.ckpt"
@@ -62,6 +68,8 @@ def test_search_keeps_the_budget_resumes_and_its_network_runs_through_the_cli(su
     assert float(rows[0]["top1"]) == max(float(r["top1"]) for r in rows)
     state = json.loads((out / "state.json").read_text())
     assert state["generation"] == 2 and len(state["records"]) == 18
+    with Image.open(out / "pareto.png") as plot:  # top-1 against MACs and against latency, side by side
+        assert plot.format == "PNG" and plot.width > plot.height > 100
 
     # a third generation resumes after the second: the 18 candidates are not evaluated again
     search_main(search_args(ckpt, out, macs=1.65e6)[:4] + ["--evolution.generations=3"] + search_args(ckpt, out, macs=1.65e6)[5:])
@@ -69,6 +77,7 @@ def test_search_keeps_the_budget_resumes_and_its_network_runs_through_the_cli(su
 
     recipe = yaml.safe_load(found.read_text())
     assert recipe["model"]["backbone"] == "vit_resnas" and Path(recipe["model"]["pretrained"]).is_file()
+    assert recipe["data"]["search_holdout_per_class"] == 0  # the found network trains on every training image
     common = [f"--config={found}", "--data.num_workers=0", f"--trainer.default_root_dir={tmp_path / 'runs'}", *QUIET]
     classification_main(["fit", *common, "--trainer.fast_dev_run=true"])
 
@@ -88,6 +97,25 @@ def test_holdout_is_a_fixed_part_of_the_training_list() -> None:
     train, holdout = split_holdout(samples, 4)
     assert len(holdout) == 12 and not set(train) & set(holdout) and len(train) == 18
     assert split_holdout(list(reversed(samples)), 4) == (train, holdout)
+    assert set(split_holdout(samples, 2)[1]) < set(holdout)  # a smaller hold-out is part of a larger one
+
+
+def test_training_leaves_out_exactly_the_search_holdout(supernet_ckpt) -> None:
+    root, _ = supernet_ckpt
+    data = ClassificationDataModule(str(root), search_holdout_per_class=4, num_workers=0)
+    data.setup("fit")
+    trained = set(data.datasets["train"].samples)
+    holdout = data.search_holdout(4)
+    everything = set(ClassificationDataModule(str(root), num_workers=0).training_samples())
+    assert len(trained) == 3 * 8 and len(holdout) == 3 * 4 and not trained & set(holdout)
+    assert trained | set(holdout) == everything
+    # the search reads the hold-out through the checkpoint's data settings: the same files
+    saved = torch.load(supernet_ckpt[1], map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
+    saved = {k: v for k, v in saved.items() if not k.startswith("_")}
+    assert saved["search_holdout_per_class"] == 4
+    assert holdout_dataset(saved, 4).samples == holdout
+    with pytest.raises(ValueError, match="search_holdout_per_class must be 0 or more, got -1"):
+        ClassificationDataModule(str(root), search_holdout_per_class=-1)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
