@@ -45,7 +45,7 @@ def register_format(name: str, detect: Callable[..., bool], convert: Callable[[S
 
 def register_head_map(format_name: str, convert: Callable[[StateDict], StateDict]) -> None:
     """Map the ``foreign.`` keys of format ``format_name`` (names without the prefix) onto a task head's names
-    (without ``head.``); keys it leaves out are reported as unexpected."""
+    (without ``head.``); keys it leaves out are not loaded (a decoder part our head does not have)."""
     _HEAD_MAPS[format_name] = convert
 
 

@@ -133,6 +133,7 @@ class SegmentationModule(TaskModule):
             raise ValueError(f"class_weights has {len(class_weights)} entries for {self.num_classes} classes")
         weights = None if class_weights is None else torch.tensor(class_weights)
         self.register_buffer("class_weights", weights, persistent=False)
+        self._last_summary = ""  # the last validation's per-class IoU line, printed again when fit ends
         self.extra_losses = nn.ModuleDict()
         if dice_weight or lovasz_weight:
             from segmentation_models_pytorch.losses import DiceLoss, LovaszLoss
@@ -233,7 +234,7 @@ class SegmentationModule(TaskModule):
         self._epoch_summary("test")
 
     def on_fit_end(self) -> None:
-        if getattr(self, "_last_summary", None):
+        if self._last_summary:
             rank_zero_info(self._last_summary)
 
     # --- predict --------------------------------------------------------------------------------------------
