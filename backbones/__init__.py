@@ -10,6 +10,7 @@ from . import big_vision_weights  # noqa: E402,F401  (big_vision's .npz ViT chec
 from . import unetr  # noqa: E402,F401  (UNETR encoder preset, MONAI checkpoint format)
 from . import mix_transformer  # noqa: E402,F401
 from . import vit_resnas  # noqa: E402,F401  (ViT-ResNAS presets, release checkpoint format)
+from . import efficientformer_v2  # noqa: E402,F401  (EfficientFormerV2 presets, timm and release formats)
 from . import vit_resnas_supernet  # noqa: E402,F401  (ViT-ResNAS super-networks)
 
 __all__ = ["Backbone", "FeatureInfo", "build_preset", "create_backbone", "list_backbones", "register"]

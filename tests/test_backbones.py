@@ -27,6 +27,8 @@ def tiny_case(name: str) -> tuple[dict, tuple[int, ...]]:
         return {"depths": (1, 1, 1, 1)}, (2, 3, 64, 64)
     if name.startswith("timesformer_"):
         return {"img_size": 32, "num_frames": 4, "depth": 2}, (2, 3, 4, 32, 32)
+    if name.startswith("efficientformerv2_"):  # the published networks; sides multiples of 32
+        return {}, (2, 3, 64, 64)
     if name.startswith("unetr_"):
         return {"img_size": 32, "depth": 4, "out_indices": (0, 1, 2, 3)}, (1, 1, 32, 32, 32)
     raise AssertionError(f"no tiny test case for backbone {name!r}: add one to tests/test_backbones.py")
