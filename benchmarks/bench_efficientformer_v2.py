@@ -18,7 +18,6 @@ import time
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
 from tasks.classification import ClassificationModule
