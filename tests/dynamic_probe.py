@@ -3,6 +3,7 @@ a ViT whose depth is drawn each step, a ViT that leaves an auxiliary loss, and a
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,17 @@ if "probe_depth_drawing_vit" not in list_backbones():
 
 
 class RecordSubnets(L.Callback):
-    """Append ``epoch batch depth`` of every training step to ``<path>.rank<r>``."""
+    """Append ``epoch batch choice`` of every training step to ``<path>.rank<r>``: the backbone's ``attribute``
+    (an int, or a CRC of its repr for a super-network's list of sub-network configs)."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str, attribute: str = "active_depth") -> None:
+        self.path, self.attribute = path, attribute
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        value = getattr(pl_module.backbone, self.attribute)
+        choice = value if isinstance(value, int) else zlib.crc32(repr(value).encode())
         with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
-            f.write(f"{trainer.current_epoch} {batch_idx} {pl_module.backbone.active_depth}\n")
+            f.write(f"{trainer.current_epoch} {batch_idx} {choice}\n")
 
 
 def read_records(path: Path, rank: int = 0) -> dict[tuple[int, int], int]:

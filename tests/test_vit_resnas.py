@@ -197,3 +197,18 @@ def test_classification_fast_dev_run(tmp_path: Path) -> None:
         ),
         "--data.batch_size=4", f"--trainer.default_root_dir={tmp_path}", "--data.synthetic_train_per_class=8",
     ])
+
+
+def test_segmentation_fast_dev_run_over_the_three_maps(tmp_path: Path) -> None:
+    from tasks.segmentation import main as segmentation_main
+
+    segmentation_main([
+        "fit", "--config=configs/segformer_b0.yaml", "--model.backbone=vit_resnas_tiny", "--trainer.fast_dev_run=2",
+        (
+            "--model.backbone_kwargs={img_size: 112, stem_channels: 8, embed_dims: [16, 24, 32], "
+            "head_dims: [8, 8, 8], num_heads: [[2], [3], [4]], mlp_hidden_dims: [[32], [48], [64]]}"
+        ),
+        "--model.decoder_dim=16", "--data.synthetic_size=112", "--data.crop_size=[112, 112]", "--data.synthetic_train=4",
+        "--data.synthetic_val=2", "--data.batch_size=2", "--data.val_batch_size=2", "--data.num_workers=0",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu",
+    ])

@@ -138,3 +138,36 @@ def test_multi_architecture_training_lowers_the_loss() -> None:
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+
+
+def test_supernet_draws_are_the_same_on_two_ddp_processes_and_after_a_restart(tmp_path: Path, synthetic_cache: str) -> None:
+    import json
+
+    from cli_runs import finish, run_task, write_shapes
+    from dynamic_probe import read_records
+
+    root = write_shapes(tmp_path / "shapes", train_per_class=8, val_per_class=2)
+    kwargs = json.dumps({**TINY, "num_warmup_epochs": 1})
+
+    def args(out: Path, *extra: str) -> list[str]:
+        return [
+            "fit", "--seed_everything=2", "--model.backbone=vit_resnas_supernet_tiny", f"--model.backbone_kwargs={kwargs}",
+            "--model.pool=avg", f"--data.root={root}", "--data.image_size=56", "--data.batch_size=8",
+            "--data.num_workers=0", "--trainer.max_epochs=2", "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false",
+            f"--trainer.default_root_dir={out}", "--checkpoint.every_n_train_steps=2",
+            "--trainer.callbacks+=tests.dynamic_probe.RecordSubnets", f"--trainer.callbacks.path={out / 'draws'}",
+            "--trainer.callbacks.attribute=active", *extra,
+        ]
+
+    ddp, full, broken = tmp_path / "ddp", tmp_path / "full", tmp_path / "broken"
+    run_task("classification", args(ddp, "--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=4"),
+             cache=synthetic_cache)
+    assert read_records(ddp / "draws", 0) == read_records(ddp / "draws", 1)
+    kill = ["--trainer.callbacks+=tests.fault_injection.KillAtStep", "--trainer.callbacks.step=4"]
+    finish(run_task("classification", args(broken, *kill), cache=synthetic_cache, wait=False), expect_rc=-9)
+    run_task("classification", [*args(broken), "--ckpt_path=last"], cache=synthetic_cache)
+    run_task("classification", args(full), cache=synthetic_cache)
+    drawn = read_records(full / "draws")
+    assert len(drawn) == 6 and read_records(broken / "draws") == drawn
+    assert len(set(drawn.values())) > 1 and drawn == read_records(ddp / "draws", 0)  # one global batch, one draw
