@@ -83,7 +83,9 @@ class Backbone(AuxiliaryLossSource):
     num_prefix_tokens: int = 0
     default_pool: PoolType = "avg"
     distilled: bool = False
-    """A token model whose second prefix token is DeiT's distillation token (read by heads at position 1)."""
+    """The backbone was trained with a distillation classifier beside its own (DeiT's distillation token, read by
+    heads at prefix position 1; EfficientFormerV2's second classifier on its pooled features): the classification
+    head gets ``fc_dist`` and averages the two at evaluation."""
     checkpoint_prefix: str = ""
     """Prefix of this module's parameters under which checkpoint keys of the wrapped model load (``model.``
     for a timm model kept whole)."""

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .weights import StateDict, register_format
+from .weights import StateDict, convert_timm_classifier, register_format
 
 _RELEASE_STEM = {"0": "conv1.conv", "1": "conv1.bn", "3": "conv2.conv", "4": "conv2.bn"}
 _RELEASE_MLP = {
@@ -36,18 +36,6 @@ _RELEASE_KEY = re.compile(r"network\.(\d+)\.(.+)")
 
 def is_timm_efficientformerv2(state: Mapping[str, torch.Tensor]) -> bool:
     return "stem.conv1.conv.weight" in state and any(".token_mixer.talking_head1." in k for k in state)
-
-
-def convert_timm_efficientformerv2(state: StateDict) -> StateDict:
-    out: StateDict = {}
-    for key, value in state.items():
-        if key.startswith("head."):
-            out["head.fc." + key.removeprefix("head.")] = value
-        elif key.startswith("head_dist."):
-            out["head.fc_dist." + key.removeprefix("head_dist.")] = value
-        else:
-            out["backbone." + key] = value
-    return out
 
 
 def is_efficientformerv2_release(state: Mapping[str, torch.Tensor]) -> bool:
@@ -111,5 +99,5 @@ def convert_efficientformerv2_release(state: StateDict) -> StateDict:
     return out
 
 
-register_format("timm-efficientformerv2", is_timm_efficientformerv2, convert_timm_efficientformerv2)
+register_format("timm-efficientformerv2", is_timm_efficientformerv2, convert_timm_classifier)
 register_format("efficientformerv2-release", is_efficientformerv2_release, convert_efficientformerv2_release)

@@ -122,15 +122,18 @@ def detect_format(state: Mapping[str, torch.Tensor]) -> CheckpointFormat:
     )
 
 
-def load_pretrained(target: nn.Module, path: str | Path, *, load_head: bool = True) -> LoadReport:
+def load_pretrained(
+    target: nn.Module, path: str | Path, *, load_head: bool = True, state: StateDict | None = None
+) -> LoadReport:
     """Load a checkpoint file into a backbone or a task network (``.backbone`` + ``.head``).
 
     Head tensors whose shape differs from ours (another number of classes) are skipped, as in
-    fine-tuning; a backbone tensor that cannot be adapted raises a ValueError naming the key.
+    fine-tuning; a backbone tensor that cannot be adapted raises a ValueError naming the key. ``state``: the
+    file's tensors when the caller has already read them (``read_checkpoint(path)``), so it is not read twice.
     """
     from .base import Backbone
 
-    state = read_checkpoint(path)
+    state = read_checkpoint(path) if state is None else state
     fmt = detect_format(state)
     converted = fmt.convert(state)
     backbone = target if isinstance(target, Backbone) else target.backbone
@@ -208,9 +211,10 @@ def _is_timm_vit(state: Mapping[str, torch.Tensor]) -> bool:
     return "patch_embed.proj.weight" in state and "blocks.0.attn.qkv.weight" in state
 
 
-def _convert_timm_vit(state: StateDict) -> StateDict:
-    """timm's ``VisionTransformer`` (and DeiT's ``VisionTransformerDistilled``): our ViT uses its names
-    (``dist_token`` included); its classifier maps onto our head, DeiT's ``head_dist`` onto ``fc_dist``."""
+def convert_timm_classifier(state: StateDict) -> StateDict:
+    """A timm model whose backbone uses timm's names as ours do (``VisionTransformer``, DeiT's
+    ``VisionTransformerDistilled``, ``EfficientFormerV2``): its classifier ``head`` maps onto our head's ``fc``, a
+    distillation classifier ``head_dist`` onto ``fc_dist``, attention pooling / ``fc_norm`` into the head."""
     out: StateDict = {}
     for key, value in state.items():
         if key.startswith("head."):
@@ -232,7 +236,7 @@ def _convert_timesformer_release(state: StateDict) -> StateDict:
     """facebookresearch/TimeSformer ``.pyth`` files: ``model_state`` (unwrapped by ``read_checkpoint``)
     holding timm-style names under ``model.``, plus ``time_embed`` and ``blocks.N.temporal_*``, which are
     our names too."""
-    return _convert_timm_vit({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return convert_timm_classifier({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
 
 
 def _convert_plain(state: StateDict) -> StateDict:
@@ -241,6 +245,6 @@ def _convert_plain(state: StateDict) -> StateDict:
 
 
 register_format("plain", lambda s: True, _convert_plain)
-register_format("timm-vit", _is_timm_vit, _convert_timm_vit)
+register_format("timm-vit", _is_timm_vit, convert_timm_classifier)
 register_format("timesformer-release", _is_timesformer_release, _convert_timesformer_release)
 register_format("vision-suite", lambda s: any(k.startswith(("backbone.", "model.backbone.")) for k in s), _convert_ours)

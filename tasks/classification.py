@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup
 from lightning.pytorch.utilities import rank_zero_warn
+from timm.data import Mixup
 from timm.layers import AttentionPoolLatent
 from torch import nn
 from torchmetrics import MetricCollection
@@ -167,7 +167,7 @@ def build_teacher(name: str, *, num_classes: int, pretrained: str | None, kwargs
         backbone = create_backbone(name, **(kwargs or {}))
         network = Classifier(backbone, classification_head(backbone, num_classes, None))
         if pretrained:
-            load_pretrained(network, pretrained)
+            load_pretrained(network, pretrained, state=state)
     if not pretrained:
         rank_zero_warn(f"the teacher {name!r} has no teacher_pretrained file: it distils its random initial weights")
     return FrozenTeacher(network)

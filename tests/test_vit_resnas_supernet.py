@@ -3,6 +3,8 @@ MACs/params counter equals the flop counter, multi-architectural sampling, warm-
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
