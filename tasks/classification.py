@@ -420,7 +420,7 @@ class ClassificationModule(TaskModule):
 
         grid = self.backbone.unit_grid(self.backbone.patch_embed.grid(x.shape[2:]))
         names = [f"{row['index']}_{Path(row['path']).stem}" for row in rows]
-        out_dir = Path(getattr(self, "predict_output_dir", "predictions")) / "token_maps"
+        out_dir = Path(self.predict_output_dir) / "token_maps"
         for row, path in zip(rows, write_token_maps(x, self.backbone.kept_units, grid, names, out_dir)):
             row["token_map"] = str(path)
 

@@ -9,6 +9,7 @@ module hands to its trainer.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -55,6 +56,9 @@ class TaskModule(L.LightningModule):
         freeze_backbone: train only the head; the backbone also stays in eval mode (no dropout, drop path or
             BatchNorm statistics updates), so a linear probe is a real linear probe.
     """
+
+    predict_output_dir: Path = Path("predictions")
+    """Where ``predict`` writes per-input files beside ``predictions.csv`` (set by the ``PredictionWriter``)."""
 
     def __init__(
         self,
