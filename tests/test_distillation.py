@@ -137,3 +137,15 @@ def test_ddp_fit_with_a_teacher(shapes: Path, teacher_file: Path, tmp_path: Path
     assert any("train/loss_distill_epoch" in r for r in rows)
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert not any("teacher" in k for k in saved["state_dict"])
+
+
+def test_bad_teacher_files_are_named_before_training(teacher_file: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.pth"
+    module = student(teacher_file, teacher_pretrained=str(missing))
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        module.setup("fit")
+    other = tmp_path / "other.pth"  # a timm state dict of another architecture for a timm teacher
+    torch.save({"weight": torch.zeros(3)}, other)
+    module = student(teacher_file, teacher="timm:resnet18", teacher_kwargs=None, teacher_pretrained=str(other))
+    with pytest.raises(ValueError, match=r"other\.pth does not fit timm model 'timm:resnet18'"):
+        module.setup("fit")
