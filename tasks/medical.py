@@ -3,14 +3,20 @@
 ``python -m tasks.medical fit --config configs/unetr.yaml`` (small, CPU) or ``configs/unetr_btcv.yaml``.
 Training sees random ROI crops; validation and testing run sliding-window inference over whole volumes
 and score per-class Dice and HD95 (``medical_metrics.py``); ``predict`` hands each input's label volume to the
-DataModule, which writes it as NIfTI in the input file's own grid, orientation and affine.
+DataModule, which writes it as NIfTI in the input file's own grid, orientation and affine. Whole volumes are
+stitched region by region (``sliding_window.py``): each finished region becomes labels and adds to the loss, so
+the full ``[B, num_classes, D, H, W]`` logits are never held, unless ``output_probabilities`` asks for them.
 """
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
+import nibabel as nib
+import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
@@ -20,11 +26,13 @@ from torchmetrics import MetricCollection
 
 from backbones.base import FeatureInfo
 from backbones.vit import VisionTransformer
+from datamodules.io import atomic_write
 
 from . import medical_head_weights  # noqa: F401  (registers the decoder key map of MONAI UNETR files)
 from .cli import TaskCLI, run_cli
 from .medical_metrics import VolumeMetric, volume_metrics
 from .module import Stage, TaskModule
+from .sliding_window import DiceCESink, LabelSink, stitch_windows
 
 NormName = Literal["instance", "batch"]
 
@@ -128,8 +136,12 @@ class MedicalSegmentationModule(TaskModule):
         sw_batch_size: windows per forward pass.
         sw_overlap: overlap of neighbouring windows (fraction of the ROI).
         sw_mode: ``gaussian`` weights window centres over their borders when stitching; ``constant`` averages.
-        sw_stitch_on_cpu: stitch the whole-volume logits in CPU memory while windows run on the model's
-            device (large volumes on a small GPU).
+        sw_stitch_on_cpu: stitch the whole volume in CPU memory while windows run on the model's device (large
+            volumes on a small GPU).
+        output_probabilities: ``predict`` also writes the class probabilities ``<input name>_probabilities.nii.gz``
+            (float32, classes on the 4th axis, on the preprocessed grid with its affine) for users who need soft
+            outputs; this stitches the full ``[num_classes, D, H, W]`` logits (MONAI's way), where the default
+            turns each finished region into labels and keeps only the ``uint8`` label volume (same labels).
         hd_percentile: percentile of the Hausdorff distance (95: HD95).
         channels_last: run the decoder in channels-last memory layout: about 10 % faster on a CPU, but PyTorch's
             CPU GroupNorm kernel for channels-last tensors is less exact (logits within ~5e-4 of float64 instead
@@ -153,6 +165,7 @@ class MedicalSegmentationModule(TaskModule):
         sw_overlap: float = 0.5,
         sw_mode: Literal["gaussian", "constant"] = "gaussian",
         sw_stitch_on_cpu: bool = False,
+        output_probabilities: bool = False,
         hd_percentile: float = 95.0,
         channels_last: bool = False,
         **kwargs: Any,
@@ -169,6 +182,8 @@ class MedicalSegmentationModule(TaskModule):
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.head.to(memory_format=self.memory_format)
         self._spacing: torch.Tensor | None = None
+        self._target: torch.Tensor | None = None  # the evaluated volumes' labels, for the loss streamed while stitching
+        self._volume_loss: torch.Tensor | None = None
 
     def build_head(self) -> nn.Module:
         return UnetrDecoder(
@@ -193,25 +208,59 @@ class MedicalSegmentationModule(TaskModule):
 
     def prepare_batch(self, batch: dict[str, Any], stage: Stage) -> dict[str, Any]:
         self._spacing = batch.get("spacing")  # voxel size for HD95 in mm
+        self._target = batch.get("target") if stage != "train" else None
         return batch
 
     def forward_stage(self, x: torch.Tensor, stage: Stage) -> torch.Tensor:
-        return self(x) if stage == "train" else self.sliding_window(x)
+        """Training: logits of the crops. Evaluation: the whole volumes' labels ``[B, 1, D, H, W]`` (``uint8``),
+        the loss summed while stitching (``compute_loss`` returns it)."""
+        if stage == "train":
+            return self(x)
+        labels, self._volume_loss = self.sliding_window_labels(x, self._target)
+        return labels
 
     def compute_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.loss(output, target.to(output.device))
+        if output.is_floating_point():
+            return self.loss(output, target.to(output.device))
+        loss, self._volume_loss = self._volume_loss, None  # streamed by ``sliding_window_labels``
+        if loss is None:
+            raise RuntimeError("compute_loss got labels without a loss streamed by sliding_window_labels")
+        return loss.to(self.device)
 
     def metric_inputs(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return output.argmax(1), target.to(output.device), self._spacing
+        labels = output.argmax(1) if output.is_floating_point() else output
+        return labels, target.to(labels.device), self._spacing
+
+    def _window_options(self, x: torch.Tensor) -> dict[str, Any]:
+        hp = self.hparams
+        return {
+            "roi_size": self.roi_size, "sw_batch_size": hp.sw_batch_size, "overlap": hp.sw_overlap, "mode": hp.sw_mode,
+            "sw_device": x.device, "device": torch.device("cpu") if hp.sw_stitch_on_cpu else x.device,
+        }
 
     def sliding_window(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a whole volume ``[B, C, D, H, W]`` from overlapping ROI windows (MONAI), stitched on
-        the model's device or, with ``sw_stitch_on_cpu``, in CPU memory."""
-        hp = self.hparams
-        return sliding_window_inference(
-            x, roi_size=self.roi_size, sw_batch_size=hp.sw_batch_size, predictor=self, overlap=hp.sw_overlap,
-            mode=hp.sw_mode, sw_device=x.device, device=torch.device("cpu") if hp.sw_stitch_on_cpu else x.device,
-        )
+        the model's device or, with ``sw_stitch_on_cpu``, in CPU memory: the full output, for soft predictions."""
+        options = self._window_options(x)
+        return sliding_window_inference(x, predictor=self, **options)
+
+    def sliding_window_labels(
+        self, x: torch.Tensor, target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Labels ``[B, 1, D, H, W]`` (``uint8``, classes above 255 clipped) equal to ``sliding_window(x).argmax(1)``,
+        and, given ``target`` labels ``[B, 1, D, H, W]``, the loss of those logits, without holding them: each
+        region is blended, turned into labels and added to the loss once its last window is done."""
+        options = self._window_options(x)
+        labels = LabelSink((x.shape[0], *x.shape[2:]), device=options["device"], max_label=255)
+        loss = None if target is None else DiceCESink(self.loss, target, self.num_classes)
+
+        def sink(index: int, region: tuple[slice, ...], blended: torch.Tensor) -> None:
+            labels(index, region, blended)
+            if loss is not None:
+                loss(index, region, blended)
+
+        stitch_windows(x, predictor=self, sink=sink, **options)
+        return labels.labels[:, None], None if loss is None else loss.compute()
 
     # --- predict -------------------------------------------------------------------------------------------
 
@@ -219,8 +268,14 @@ class MedicalSegmentationModule(TaskModule):
         """One row per volume: its predicted ``label`` volume ``[1, D, H, W]`` on the preprocessed grid with that grid's
         ``affine`` and the file's own (``original_affine``, ``original_shape``), for the DataModule's
         ``write_prediction`` to write back in the input's space."""
-        logits = self.sliding_window(batch["input"])
-        labels = logits.argmax(1, keepdim=True).clamp_(max=255).byte().cpu()  # [B, 1, D, H, W], as the file stores
+        if self.hparams.output_probabilities:
+            probabilities = self.sliding_window(batch["input"]).float().softmax(1)
+            labels = probabilities.argmax(1, keepdim=True).clamp_(max=255).byte().cpu()  # [B, 1, D, H, W]
+            for i, path in enumerate(batch["path"]):
+                write_probabilities(self.predict_output_dir, Path(path), probabilities[i], batch["affine"][i])
+            del probabilities
+        else:
+            labels = self.sliding_window_labels(batch["input"])[0].cpu()  # [B, 1, D, H, W] uint8, as the file stores
         affine, original_affine = batch["affine"].cpu(), batch["original_affine"].cpu()
         return [
             {
@@ -229,6 +284,18 @@ class MedicalSegmentationModule(TaskModule):
             }
             for i, index in enumerate(batch["index"].tolist())
         ]
+
+
+def write_probabilities(output_dir: Path, source: Path, probabilities: torch.Tensor, affine: torch.Tensor) -> Path:
+    """Write class probabilities ``[C, D, H, W]`` as ``<source name>_probabilities.nii.gz`` (float32, classes on the
+    4th axis) on the grid of ``affine``, atomically."""
+    data = probabilities.float().cpu().permute(1, 2, 3, 0).numpy()  # [D, H, W, C]: NIfTI keeps space first
+    img = nib.Nifti1Image(np.ascontiguousarray(data), np.asarray(affine.cpu(), dtype=np.float64))
+    img.set_sform(img.affine, code=1)
+    img.set_qform(img.affine, code=1)
+    payload = gzip.compress(img.to_bytes(), compresslevel=1)
+    stem = source.name.removesuffix(".gz").removesuffix(".nii")
+    return atomic_write(Path(output_dir) / f"{stem}_probabilities.nii.gz", lambda tmp: Path(tmp).write_bytes(payload))
 
 
 class MedicalCLI(TaskCLI):

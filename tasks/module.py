@@ -164,7 +164,8 @@ class TaskModule(L.LightningModule):
         if self.skip_batch(batch, stage):
             return None
         batch = self.prepare_batch(batch, stage)
-        output = self.forward_stage(batch["input"], stage).float()
+        output = self.forward_stage(batch["input"], stage)
+        output = output.float() if output.is_floating_point() else output  # labels (whole-volume evaluation) stay
         auxiliary = self.auxiliary_losses(batch, output, stage)
         target = batch["target"]
         with torch.autocast(self.device.type, enabled=False):  # loss and metrics in fp32 under any precision

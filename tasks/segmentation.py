@@ -20,6 +20,7 @@ from backbones.mix_transformer import map_to_tokens, tokens_to_map
 from . import segmentation_head_weights  # noqa: F401  (registers the decoder key maps of SegFormer files)
 from .cli import TaskCLI, run_cli
 from .module import Stage, TaskModule
+from .sliding_window import LabelSink, stitch_windows
 
 
 class SegFormerHead(nn.Module):
@@ -170,15 +171,30 @@ class SegmentationModule(TaskModule):
             return self(x)
         return self.sliding_window(x)
 
-    def sliding_window(self, x: torch.Tensor) -> torch.Tensor:
-        """Average the logits of windows of ``window_size`` placed every ``window_stride`` (the last one flush with
-        the border, as mmseg); windows larger than the image shrink to it, so no padding enters the model."""
-        from monai.inferers import sliding_window_inference
-
+    def _window_grid(self, x: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Window size and MONAI overlap for ``window_size``/``window_stride`` over ``x``: windows larger than the image
+        shrink to it, so no padding enters the model."""
         roi = [min(c, s) for c, s in zip(self.hparams.window_size, x.shape[2:])]
         # MONAI steps int(roi * (1 - overlap)); the half pixel keeps the float product from rounding down
         overlap = [1.0 - (min(st, r) + 0.5) / r for st, r in zip(self.hparams.window_stride, roi)]
+        return roi, overlap
+
+    def sliding_window(self, x: torch.Tensor) -> torch.Tensor:
+        """Average the logits of windows of ``window_size`` placed every ``window_stride`` (the last one flush with
+        the border, as mmseg)."""
+        from monai.inferers import sliding_window_inference
+
+        roi, overlap = self._window_grid(x)
         return sliding_window_inference(x, roi, self.hparams.sw_batch_size, self, overlap=overlap, mode="constant")
+
+    def sliding_window_labels(self, x: torch.Tensor) -> torch.Tensor:
+        """``sliding_window(x).argmax(1)`` ``[B, H, W]``, stitched band by band: each finished region of the window grid
+        becomes labels at once, so a 10 000 x 10 000 tile never holds its ``[num_classes, H, W]`` logits."""
+        roi, overlap = self._window_grid(x)
+        dtype = torch.uint8 if self.num_classes <= 256 else torch.int32
+        labels = LabelSink((x.shape[0], *x.shape[2:]), dtype=dtype, device=x.device)
+        stitch_windows(x, roi, self.hparams.sw_batch_size, self, labels, overlap=overlap, mode="constant")
+        return labels.labels
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -253,14 +269,19 @@ class SegmentationModule(TaskModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """One row per image: its predicted ``label`` map ``[H, W]`` (0-based classes) at the image's original size,
         for the DataModule's ``write_prediction`` to write in the data's own format (and the overlay if asked)."""
-        logits = self.forward_stage(batch["input"], "test")
+        x = batch["input"]
         dtype = torch.uint8 if self.num_classes <= 256 else torch.int32  # predictions may be kept until the end
+        sizes = batch["size"].tolist()
+        if self.hparams.inference == "slide" and all(tuple(hw) == tuple(x.shape[2:]) for hw in sizes):
+            labels = self.sliding_window_labels(x).cpu()  # at the label size already: no logits kept
+        else:
+            logits = self.forward_stage(x, "test")
+            labels = [self.to_label_size(logits[i : i + 1].float(), hw).argmax(1)[0].to(dtype).cpu() for i, hw in enumerate(sizes)]
         rows = []
-        samples = zip(batch["index"].tolist(), batch["path"], batch["name"], batch["size"].tolist())
+        samples = zip(batch["index"].tolist(), batch["path"], batch["name"], sizes)
         for i, (index, path, name, (height, width)) in enumerate(samples):
-            label = self.to_label_size(logits[i : i + 1].float(), (height, width)).argmax(1)[0].to(dtype).cpu().numpy()
             rows.append({
-                "index": index, "path": path, "name": name, "height": height, "width": width, "label": label,
+                "index": index, "path": path, "name": name, "height": height, "width": width, "label": labels[i].numpy(),
                 "save_overlay": self.hparams.save_overlay,
             })
         return rows

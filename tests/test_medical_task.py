@@ -104,7 +104,7 @@ def test_predict_writes_nifti_in_the_inputs_space(tmp_path):
         str(tmp_path / "data"), spacing=(1.4, 1.4, 1.3), roi_size=(32, 32, 32), num_workers=0, ct_window=(0.0, 1.0)
     )  # slices resampled to half their thickness: every original voxel centre is on the model's grid
     module = tiny_module()
-    module.sliding_window = lambda x: x  # an oracle: the resampled one-hot input is the prediction
+    module.forward = lambda x: x  # an oracle: each window of the resampled one-hot input is its prediction
     trainer = L.Trainer(logger=False, enable_progress_bar=False, callbacks=[PredictionWriter(str(tmp_path / "out"))])
     trainer.predict(module, datamodule=dm)
     for image, labels in cases:
