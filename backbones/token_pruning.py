@@ -156,7 +156,8 @@ class DynamicViT(VisionTransformer):
                     else:
                         x, origin = self._gather(x, top, grid), origin.gather(1, top)
                         keep = x.new_ones(batch, top.shape[1], 1)
-                        kept_units.append(torch.zeros(batch, units, dtype=torch.bool, device=x.device).scatter_(1, origin, True))
+                        kept = torch.ones_like(origin, dtype=torch.bool)  # a tensor: ONNX export has no scatter of a scalar
+                        kept_units.append(torch.zeros(batch, units, dtype=torch.bool, device=x.device).scatter(1, origin, kept))
                 if masked:
                     policy = self._token_policy(keep, grid)
                 stage += 1

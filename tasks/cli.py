@@ -13,6 +13,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from .checkpointing import AtomicCheckpointIO, LastCheckpoint
 from .distributed import SyncBatchNormWhenDistributed
+from .export import TaskTrainer
 from .module import TaskModule
 from .predict import PredictionWriter
 
@@ -34,6 +35,11 @@ class TaskCLI(LightningCLI):
     trainer set up for long multi-process runs: ``last.ckpt`` kept up to date (``--checkpoint.*``), written
     atomically, ``--trainer.sync_batchnorm`` that only applies where several processes can share statistics, and
     ``--trainer.strategy ddp`` that tolerates the parameters a dynamic backbone's sub-network leaves unused."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's fit/validate/test/predict, and ``export`` (``TaskTrainer.export``: ONNX, TorchScript, safetensors)."""
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -77,6 +83,7 @@ def run_cli(
     return cli_class(
         model_class,
         datamodule_class,
+        trainer_class=TaskTrainer,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
