@@ -14,6 +14,7 @@ import onnxruntime
 import pytest
 import torch
 
+from backbones.weights import read_checkpoint
 from datamodules.synthetic import SHAPE_CLASSES
 from tasks.classification import ClassificationModule
 from tasks.classification import main as classification_main
@@ -91,6 +92,25 @@ def test_token_pruned_vit_exports_its_gathering_inference_form(tmp_path: Path) -
     assert np.abs(session.run(None, {"input": x.numpy()})[0] - expected).max() <= 1e-4
 
 
+TINY_SUPERNET = {
+    "img_size": 56, "stem_channels": 8, "head_dims": (8, 8, 8),
+    "embed_dim_choices": ((32, 24), (48, 40), (64, 56)), "head_choices": ((2, 1), (2, 1), (2, 1)),
+    "mlp_hidden_choices": ((64, 32), (96, 64), (128, 96)), "depths": (2, 2, 2), "skippable": ((1,), (1,), (1,)),
+}
+
+
+def test_super_network_exports_its_full_network_whatever_subnet_was_active(tmp_path: Path) -> None:
+    model = randomise(ClassificationModule(backbone="vit_resnas_supernet_tiny", backbone_kwargs=TINY_SUPERNET, num_classes=3))
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        full = model(x)
+        model.backbone.set_subnet(model.backbone.sample_subnet(torch.Generator().manual_seed(1)))
+        assert not torch.allclose(model(x), full, atol=1e-3)  # a sub-network active: another network
+    path = export_model(model, "onnx", tmp_path / "supernet.onnx", input_size=(56, 56))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"input": x.numpy()})[0] - full.numpy()).max() <= 1e-4
+
+
 def test_torchscript_round_trip_takes_other_batch_and_image_sizes(tmp_path: Path) -> None:
     model = randomise(segmenter())
     path = export_model(model, "torchscript", tmp_path / "seg.torchscript.pt", input_size=(64, 64))
@@ -135,6 +155,16 @@ def test_cli_exports_the_checkpoints_weights_beside_it(tmp_path: Path, capsys) -
         assert np.abs(session.run(None, {"input": x.numpy()})[0] - model(x).numpy()).max() <= 1e-4
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "last.onnx")).metadata_props}
     assert json.loads(meta["class_names"]) == list(SHAPE_CLASSES)
+
+
+def test_cli_ckpt_path_last_is_the_runs_last_checkpoint(tmp_path: Path) -> None:
+    model = randomise(classifier())
+    (tmp_path / "checkpoints").mkdir()
+    write_run_checkpoint(model, tmp_path / "checkpoints" / "last.ckpt")
+    args = ["--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path), "--export.format", "safetensors"]
+    classification_main(["export", *CLI_TINY, *args])
+    state = read_checkpoint(tmp_path / "checkpoints" / "last.safetensors")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_cli_rejects_an_unknown_format_and_missing_weights(tmp_path: Path, capsys) -> None:
