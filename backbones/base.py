@@ -86,6 +86,10 @@ class Backbone(AuxiliaryLossSource):
     """The backbone was trained with a distillation classifier beside its own (DeiT's distillation token, read by
     heads at prefix position 1; EfficientFormerV2's second classifier on its pooled features): the classification
     head gets ``fc_dist`` and averages the two at evaluation."""
+    num_heads: int | None = None
+    """Attention heads of a transformer backbone; a ``map`` pooling head takes as many, and the blocks' MLP width
+    ratio ``mlp_ratio`` for its MLP (big_vision's MAPHead). ``None``: the head uses 8."""
+    mlp_ratio: float = 4.0
     checkpoint_prefix: str = ""
     """Prefix of this module's parameters under which checkpoint keys of the wrapped model load (``model.``
     for a timm model kept whole)."""

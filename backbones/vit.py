@@ -102,6 +102,7 @@ class VisionTransformer(Backbone):
         self.spatial_dims = spatial_dims
         self.in_chans = in_chans
         self.num_features = self.embed_dim = embed_dim
+        self.num_heads, self.mlp_ratio = num_heads, mlp_ratio
         self.distilled = distilled
         self.num_prefix_tokens = int(class_token) + int(distilled)
         self.default_pool = "cls" if class_token else "avg"

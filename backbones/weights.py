@@ -182,7 +182,10 @@ def load_pretrained(
         to_load[name] = tensor.to(ours[name].dtype)
     if not to_load:
         raise ValueError(f"checkpoint {path} (format {fmt.name}) has no tensor that fits this model")
-    target.load_state_dict(to_load, strict=False)
+    try:
+        target.load_state_dict(to_load, strict=False)
+    except ValueError as err:  # a module refusing an outdated layout (a map head without its norm)
+        raise ValueError(f"checkpoint {path}: {err}") from err
     report.loaded = sorted(to_load)
     prefix_ok = ("backbone.", "head.") if is_task else ("",)
     report.missing = sorted(k for k in ours if k not in to_load and k.startswith(prefix_ok))

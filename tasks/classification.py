@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from backbones.token_pruning import DynamicViT
 
 from .cli import run_cli
 from .distillation import DistillationKind, FrozenTeacher, distillation_loss, token_distillation_loss
+from .fewshot_callback import FewShotEvaluator  # noqa: F401  (imported so --trainer.callbacks+=FewShotEvaluator resolves)
 from .module import Stage, TaskModule
 from .optimization import drop_frozen_gradients, parameter_groups
 
@@ -34,10 +36,12 @@ class ClassificationHead(nn.Module):
         in_features: width of the tokens or pooled features.
         num_classes: classifier outputs.
         pool: ``cls`` (class token), ``avg`` (mean of patch tokens), ``map`` (multi-head attention
-            pooling with a learned query, as in SigLIP), or ``native`` (features already pooled by the
+            pooling of the patch tokens by a learned probe, then LayerNorm and a residual MLP: big_vision's
+            ``MAPHead``, timm's ``AttentionPoolLatent``), or ``native`` (features already pooled by the
             backbone's own architecture, e.g. a timm model).
         num_prefix_tokens: leading non-patch tokens (class token) in the token sequence.
-        num_heads: heads of the ``map`` pooling.
+        num_heads, mlp_ratio: attention heads and MLP width (relative to ``in_features``) of the ``map``
+            pooling; big_vision and timm take the backbone's (``classification_head`` does).
         drop_rate: dropout before the classifier.
         distilled: a second classifier ``fc_dist`` on the distillation token (DeiT; token 1, ``pool='cls'``), or
             with ``pool='native'`` on the same pooled features (EfficientFormerV2); ``forward`` averages the two
@@ -52,6 +56,7 @@ class ClassificationHead(nn.Module):
         pool: PoolType = "cls",
         num_prefix_tokens: int = 1,
         num_heads: int = 8,
+        mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
         distilled: bool = False,
     ) -> None:
@@ -65,10 +70,29 @@ class ClassificationHead(nn.Module):
             )
         self.pool = pool
         self.num_prefix_tokens = num_prefix_tokens
-        self.attn_pool = AttentionPoolLatent(in_features, num_heads=num_heads) if pool == "map" else None
+        if pool == "map" and in_features % num_heads:
+            raise ValueError(f"pool='map' splits {in_features} features over heads: num_heads={num_heads} does not divide it")
+        self.attn_pool = (
+            AttentionPoolLatent(in_features, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            if pool == "map" else None
+        )
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(in_features, num_classes)
         self.fc_dist = nn.Linear(in_features, num_classes) if distilled else None
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Refuse a ``map`` head saved before it had its LayerNorm (and the backbone's head count): its weights
+        would load but compute something else."""
+        norm = [f"{prefix}attn_pool.norm.{p}" for p in ("weight", "bias")]
+        if self.attn_pool is not None and any(k.startswith(f"{prefix}attn_pool.") for k in state_dict):
+            lacking = [k for k in norm if k not in state_dict]
+            if lacking:
+                raise ValueError(
+                    f"the checkpoint's pool='map' head has the old layout, without {', '.join(lacking)}: map heads now "
+                    "have big_vision's LayerNorm and the backbone's number of heads (not 8). Retrain the head, or "
+                    "load the file with pool='avg'/'cls' to reuse its backbone"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, features: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, K]``; ``token_weights`` ``[B, P + N]`` (1 kept, 0 dropped) restricts ``avg`` pooling to the
@@ -143,7 +167,7 @@ def classification_head(
         raise ValueError("pool='cls' needs a token backbone (a ViT); use 'avg', 'map' or 'native'")
     return ClassificationHead(
         backbone.num_features, num_classes, pool=pool, num_prefix_tokens=backbone.num_prefix_tokens,
-        drop_rate=drop_rate, distilled=backbone.distilled and pool in ("cls", "native"),
+        num_heads=backbone.num_heads or 8, mlp_ratio=backbone.mlp_ratio, drop_rate=drop_rate, distilled=backbone.distilled and pool in ("cls", "native"),
     )
 
 

@@ -157,6 +157,10 @@ def write_big_vision_npz(path, *, width: int, depth: int, heads: int, mlp: int, 
          "head/kernel": r(width, classes), "head/bias": r(classes)}
     if pool == "tok":
         w["cls"] = r(1, 1, width)
+    if pool == "map":  # big_vision's MAPHead: probe, attention, LayerNorm, residual MLP
+        w["MAPHead_0/probe"], w["MAPHead_0/LayerNorm_0/scale"], w["MAPHead_0/LayerNorm_0/bias"] = r(1, 1, width), 1 + r(width), r(width)
+        attention(w, "MAPHead_0/MultiHeadDotProductAttention_0")
+        mlp_block(w, "MAPHead_0/MlpBlock_0")
     blocks = []
     for _ in range(depth):
         b: dict = {"LayerNorm_0/scale": 1 + r(width), "LayerNorm_0/bias": r(width),
@@ -172,7 +176,9 @@ def write_big_vision_npz(path, *, width: int, depth: int, heads: int, mlp: int, 
     np.savez(path, **{prefix + k: v for k, v in w.items()})
 
 
-@pytest.mark.parametrize(("pool", "scan", "prefix"), [("gap", False, "params/"), ("tok", True, ""), ("gap", True, "")])
+@pytest.mark.parametrize(
+    ("pool", "scan", "prefix"), [("gap", False, "params/"), ("tok", True, ""), ("gap", True, ""), ("map", False, "params/")]
+)
 def test_big_vision_npz_gives_timm_logits(tmp_path, pool: str, scan: bool, prefix: str) -> None:
     import timm.models.vision_transformer as timm_vit
 
@@ -182,11 +188,12 @@ def test_big_vision_npz_gives_timm_logits(tmp_path, pool: str, scan: bool, prefi
     write_big_vision_npz(path, width=64, depth=3, heads=4, mlp=96, patch=8, grid=4, classes=7, pool=pool, scan=scan, prefix=prefix)
     reference = timm_vit.VisionTransformer(
         img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=96 / 64, num_classes=7,
-        class_token=pool == "tok", no_embed_class=True, global_pool="token" if pool == "tok" else "avg", fc_norm=False,
+        class_token=pool == "tok", no_embed_class=True, global_pool={"tok": "token", "gap": "avg"}.get(pool, pool),
+        fc_norm=False,
     ).eval()
     timm_vit._load_weights(reference, str(path))  # timm's own big_vision loader: the oracle
     ours = ClassificationModule(
-        backbone="vit_tiny_patch16", num_classes=7, pool="cls" if pool == "tok" else "avg", pretrained=str(path),
+        backbone="vit_tiny_patch16", num_classes=7, pool={"tok": "cls", "gap": "avg"}.get(pool, pool), pretrained=str(path),
         backbone_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 4,
                          "mlp_ratio": 96 / 64, "class_token": pool == "tok"},
     ).eval()
@@ -195,3 +202,40 @@ def test_big_vision_npz_gives_timm_logits(tmp_path, pool: str, scan: bool, prefi
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_map_head_file_gives_timm_logits(tmp_path) -> None:
+    """A timm ViT with attention pooling (``global_pool='map'``, SigLIP's head) saved as a state dict."""
+    import timm.models.vision_transformer as timm_vit
+
+    from tasks.classification import ClassificationModule
+
+    size = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 3.0}
+    reference = timm_vit.VisionTransformer(**size, num_classes=5, class_token=False, global_pool="map").eval()
+    for p in reference.parameters():  # away from timm's zero/one initial values, so every tensor matters
+        p.data.add_(torch.randn_like(p) * 0.1)
+    torch.save(reference.state_dict(), tmp_path / "timm_map.pth")
+    ours = ClassificationModule(backbone="vit_tiny_patch16", backbone_kwargs={**size, "class_token": False}, num_classes=5,
+                                pool="map", pretrained=str(tmp_path / "timm_map.pth")).eval()
+    assert not ours.load_report.missing and not ours.load_report.unexpected
+    assert ours.head.attn_pool.num_heads == 4 and ours.head.attn_pool.mlp.fc1.out_features == 192
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_map_head_of_the_old_layout_is_refused(tmp_path) -> None:
+    """A ``pool: map`` checkpoint saved before the head had its LayerNorm (and the backbone's head count) would
+    load and compute something else: loading it names the file and the missing keys."""
+    from tasks.classification import ClassificationModule
+
+    kwargs = {"backbone": "vit_tiny_patch16", "backbone_kwargs": {"img_size": 32, "depth": 1}, "num_classes": 3, "pool": "map"}
+    state = ClassificationModule(**kwargs).state_dict()
+    old = {k: v for k, v in state.items() if not k.startswith("head.attn_pool.norm.")}
+    torch.save({"state_dict": old}, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match=r"old\.ckpt.*old layout, without head\.attn_pool\.norm\.weight, head\.attn_pool\.norm\.bias"):
+        ClassificationModule(**kwargs, pretrained=str(tmp_path / "old.ckpt"))
+    with pytest.raises(ValueError, match="old layout"):  # Lightning's resume and load_from_checkpoint load strictly
+        ClassificationModule(**kwargs).load_state_dict(old)
+    reused = ClassificationModule(**{**kwargs, "pool": "avg"}, pretrained=str(tmp_path / "old.ckpt"))  # its backbone still loads
+    assert "backbone.pos_embed" in reused.load_report.loaded
