@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+
+if TYPE_CHECKING:
+    from datamodules.classification import ClassificationDataModule
 
 BIAS_CONSTANT = 100.0  # big_vision's: a large constant feature, so the bias is almost unregularised
 
@@ -74,22 +78,44 @@ class PreLogits:
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-logits ``[N, D]`` (float32, on the CPU) and labels ``[N]`` of every sample of ``loader``."""
-    was_training = model.training
+def extract_features(
+    model: nn.Module, loader: Iterable[dict[str, Any]], forward: Callable[[torch.Tensor], Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-logits ``[N, D]`` (float32) and labels ``[N]`` of every sample of ``loader``, on the model's device.
+
+    ``model`` (a task module with ``head.fc``) runs in eval mode, each module's own mode restored afterwards (a
+    frozen backbone stays in eval, dropout and batch-norm statistics are untouched); ``forward`` calls it another
+    way (through a DDP/FSDP wrapper). Features stay on the device until the end: no per-batch synchronisation."""
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     device = next(model.parameters()).device
     hook = PreLogits(model.head.fc)
     feats, labels = [], []
     try:
         for batch in loader:
-            model(batch["input"].to(device))
-            feats.append(hook.value.float().cpu())
-            labels.append(batch["target"].cpu())
+            (forward or model)(batch["input"].to(device, non_blocking=True))
+            feats.append(hook.value)
+            labels.append(batch["target"])
     finally:
         hook.handle.remove()
-        model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+        for m, mode in modes.items():
+            m.training = mode
+    return torch.cat(feats).float(), torch.cat(labels).to(device)
+
+
+def fewshot_datasets(data: ClassificationDataModule) -> tuple[Dataset, Dataset]:
+    """The training images without augmentation (the shots are drawn from them) and the evaluation split."""
+    hp = data.hparams
+    return data._split(hp.train_dir, data.eval_transform()), data._split(hp.val_dir, data.eval_transform())
+
+
+def check_shots(dataset: Dataset, shots: Sequence[int], class_names: Sequence[str]) -> None:
+    """Raise before any work when a class of ``dataset`` (an ``ImageFolderDataset``) has fewer images than the
+    largest number of shots, naming the class and the counts."""
+    counts = np.bincount([label for _, label in dataset.samples], minlength=len(class_names))
+    for name, count in zip(class_names, counts):
+        if count < max(shots):
+            raise ValueError(f"{max(shots)}-shot evaluation needs {max(shots)} training images of class {name!r}, which has {count}")
 
 
 def fewshot_table(
@@ -165,15 +191,14 @@ def main(argv: Sequence[str] | None = None) -> dict[int, list[float]]:
         from backbones.weights import load_pretrained
 
         print(load_pretrained(model, ours.ckpt_path).summary())
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
     data.prepare_data()
-    data.setup("validate")
-    hp = data.hparams
-    train_set = data._split(hp.train_dir, data.eval_transform())  # the training images, without augmentation
-    loader = lambda ds: DataLoader(ds, batch_size=hp.batch_size, num_workers=0)  # noqa: E731
-    results = fewshot_table(
-        extract_features(model, loader(train_set)), extract_features(model, loader(data.datasets["val"])),
-        data.class_names, ours.shots, range(ours.seeds), ours.l2_reg,
-    )
+    train_set, val_set = fewshot_datasets(data)
+    check_shots(train_set, ours.shots, data.class_names)
+    pin = torch.cuda.is_available()
+    loader = lambda ds: DataLoader(ds, batch_size=data.hparams.batch_size, num_workers=data.num_workers, pin_memory=pin)  # noqa: E731
+    features = [tuple(t.cpu() for t in extract_features(model, loader(ds))) for ds in (train_set, val_set)]
+    results = fewshot_table(features[0], features[1], data.class_names, ours.shots, range(ours.seeds), ours.l2_reg)
     print(write_results(results, ours.out))
     return results
 
