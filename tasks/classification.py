@@ -167,7 +167,8 @@ def classification_head(
         raise ValueError("pool='cls' needs a token backbone (a ViT); use 'avg', 'map' or 'native'")
     return ClassificationHead(
         backbone.num_features, num_classes, pool=pool, num_prefix_tokens=backbone.num_prefix_tokens,
-        num_heads=backbone.num_heads or 8, mlp_ratio=backbone.mlp_ratio, drop_rate=drop_rate, distilled=backbone.distilled and pool in ("cls", "native"),
+        num_heads=backbone.num_heads or 8, mlp_ratio=backbone.mlp_ratio, drop_rate=drop_rate,
+        distilled=backbone.distilled and pool in ("cls", "native"),
     )
 
 
