@@ -115,12 +115,20 @@ def _convert_smp(state: StateDict) -> StateDict:
 # --- Hugging Face transformers ----------------------------------------------------------------------------
 
 
+_HF_MODEL_KEYS = ("encoder.patch_embeddings.0.proj.weight", "stages.0.patch_embeddings.proj.weight")  # SegformerModel
+
+
 def _is_hf(state: Mapping[str, torch.Tensor]) -> bool:
-    return any(k.startswith(("segformer.encoder.patch_embeddings.", "segformer.stages.")) for k in state)
+    return any(k.startswith(("segformer.encoder.patch_embeddings.", "segformer.stages.")) for k in state) or any(
+        k in state for k in _HF_MODEL_KEYS
+    )
 
 
 def _convert_hf(state: StateDict) -> StateDict:
-    """``SegformerForSemanticSegmentation`` / ``SegformerForImageClassification`` / ``SegformerModel``."""
+    """``SegformerForSemanticSegmentation`` / ``SegformerForImageClassification`` / ``SegformerModel`` (the encoder
+    alone, its names without the ``segformer.`` prefix)."""
+    if any(k in state for k in _HF_MODEL_KEYS):
+        state = {f"segformer.{k}": v for k, v in state.items()}
     out: StateDict = {}
     for key, value in state.items():
         local = key.removeprefix("segformer.")
@@ -133,6 +141,7 @@ def _convert_hf(state: StateDict) -> StateDict:
     return _merge_kv(out)
 
 
-register_format("segformer-nvlabs", _is_nvlabs, _convert_nvlabs)
-register_format("segformer-smp", _is_smp, _convert_smp)
-register_format("segformer-hf", _is_hf, _convert_hf)
+# the final upsampling: mmseg and transformers' post-processing resize with align_corners=False, smp's head with True
+register_format("segformer-nvlabs", _is_nvlabs, _convert_nvlabs, align_corners=False)
+register_format("segformer-smp", _is_smp, _convert_smp, align_corners=True)
+register_format("segformer-hf", _is_hf, _convert_hf, align_corners=False)

@@ -7,6 +7,9 @@ format with ``register_head_map``; they turn ``foreign.`` keys into ``head.`` on
 the result into either a bare backbone (heads are skipped) or a task network with ``.backbone`` and ``.head``.
 Tensors whose shapes differ are handed to the owning module's ``adapt_checkpoint_tensor`` (position
 embeddings are resampled, input channels adapted, 2-D kernels inflated); what still does not fit raises.
+A format may imply conventions of the model that made it (smp upsamples with ``align_corners=True``); the report
+carries them, and a task takes them for options its config leaves unset (``LoadReport.take_conventions``).
+Wherever a file is read, a Hub name (``hf-hub:<org>/<repo>``, ``timm:<model>.<tag>``) works too (``hub.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,20 +31,25 @@ _WRAPPER_KEYS = ("state_dict", "model_state", "model", "module", "net", "params"
 
 @dataclass(frozen=True)
 class CheckpointFormat:
-    """A known key layout: ``detect`` recognises it, ``convert`` renames into our namespace."""
+    """A known key layout: ``detect`` recognises it, ``convert`` renames into our namespace; ``conventions``: the
+    settings of the model that made such files which are not in its tensors (``{"align_corners": True}``)."""
 
     name: str
     detect: Callable[[Mapping[str, torch.Tensor]], bool]
     convert: Callable[[StateDict], StateDict]
+    conventions: Mapping[str, Any] = field(default_factory=dict)
 
 
 _FORMATS: list[CheckpointFormat] = []
 _HEAD_MAPS: dict[str, Callable[[StateDict], StateDict]] = {}
 
 
-def register_format(name: str, detect: Callable[..., bool], convert: Callable[[StateDict], StateDict]) -> None:
-    """Add a checkpoint format; formats registered later are tried first."""
-    _FORMATS.insert(0, CheckpointFormat(name, detect, convert))
+def register_format(
+    name: str, detect: Callable[..., bool], convert: Callable[[StateDict], StateDict], **conventions: Any
+) -> None:
+    """Add a checkpoint format; formats registered later are tried first. ``conventions``: model options the files
+    imply (``align_corners=True``), taken by a task whose config leaves them unset."""
+    _FORMATS.insert(0, CheckpointFormat(name, detect, convert, dict(conventions)))
 
 
 def register_head_map(format_name: str, convert: Callable[[StateDict], StateDict]) -> None:
@@ -60,6 +69,24 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    conventions: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def take_conventions(self, options: dict[str, Any]) -> None:
+        """Set each of ``options`` (a task's hyperparameters) that is ``None`` (unset) and that this format has a
+        convention for to the convention's value; an option the config set keeps its value. Both are noted."""
+        for key, implied in self.conventions.items():
+            if key not in options:
+                continue
+            if options[key] is None:
+                options[key] = implied
+                note = f"{key}={implied} taken from the {self.format} checkpoint (the convention of its models); set {key} to choose"
+            elif options[key] != implied:
+                note = f"{key}={options[key]} as set in the config, although {self.format} checkpoints use {key}={implied}"
+            else:
+                continue
+            self.notes.append(note)
+            log.info(note)
 
     def summary(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.path} (format: {self.format})"]
@@ -71,14 +98,19 @@ class LoadReport:
         ):
             if keys:
                 lines.append(f"  {label}: {len(keys)}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}")
+        if self.conventions:
+            lines.append("  format conventions: " + ", ".join(f"{k}={v}" for k, v in self.conventions.items()))
+        lines.extend(f"  {note}" for note in self.notes)
         return "\n".join(lines)
 
 
 def read_checkpoint(path: str | Path) -> StateDict:
     """Read a state dict from ``.safetensors``, ``.npz`` (numpy, ``allow_pickle=False``: big_vision's flattened
     Flax trees) or a torch file (``weights_only=True``), unwrapping the usual containers (``state_dict``,
-    ``model_state``, ``model``, ...) and ``module.`` prefixes."""
-    path = Path(path)
+    ``model_state``, ``model``, ...) and ``module.`` prefixes. ``path`` may be a Hub name (``hub.py``)."""
+    from .hub import resolve_pretrained
+
+    path = resolve_pretrained(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
@@ -130,15 +162,21 @@ def load_pretrained(
     Head tensors whose shape differs from ours (another number of classes) are skipped, as in
     fine-tuning; a backbone tensor that cannot be adapted raises a ValueError naming the key. ``state``: the
     file's tensors when the caller has already read them (``read_checkpoint(path)``), so it is not read twice.
+    ``path`` may be a Hub name (``hf-hub:<org>/<repo>[/<file>]``, ``timm:<model>.<tag>``), read from the cache.
     """
     from .base import Backbone
+    from .hub import resolve_pretrained
 
-    state = read_checkpoint(path) if state is None else state
+    source = str(path)
+    if state is None:
+        resolved = resolve_pretrained(path)
+        source = source if str(resolved) == source else f"{source} ({resolved})"
+        state = read_checkpoint(resolved)
     fmt = detect_format(state)
     converted = fmt.convert(state)
     backbone = target if isinstance(target, Backbone) else target.backbone
     is_task = backbone is not target
-    report = LoadReport(path=str(path), format=fmt.name)
+    report = LoadReport(path=source, format=fmt.name, conventions=dict(fmt.conventions))
     foreign = {k.removeprefix("foreign."): v for k, v in converted.items() if k.startswith("foreign.")}
     converted = {k: v for k, v in converted.items() if not k.startswith("foreign.")}
     if foreign and fmt.name in _HEAD_MAPS:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
@@ -38,7 +39,8 @@ class TaskModule(L.LightningModule):
         backbone_kwargs: overrides of the preset (``drop_path_rate``, ``out_indices``, ``img_size``...).
         num_classes: number of classes (linked from the DataModule by the CLI).
         class_names: names of the classes for logs and predictions (linked from the DataModule by the CLI).
-        pretrained: checkpoint file for the backbone, or for backbone and head together.
+        pretrained: checkpoint file for the backbone, or for backbone and head together, or a Hub name
+            (``hf-hub:<org>/<repo>[/<file>]``, ``timm:<model>.<tag>``) read through huggingface_hub's cache.
         loss_weights: weights of auxiliary losses by name (``keep_ratio``, ``distill``...), overriding the
             defaults of the module that produces them; each is logged as ``train/loss_<name>``.
         optimizer: ``adamw``, ``sgd`` (Nesterov-free, with ``momentum``), ``adafactor`` (torch's) or ``adafactor_bv``
@@ -102,6 +104,8 @@ class TaskModule(L.LightningModule):
             from backbones.weights import load_pretrained
 
             self.load_report = load_pretrained(self, pretrained)
+            self.load_report.take_conventions(self.hparams)  # e.g. align_corners of an smp file, unless the config sets it
+            rank_zero_info(self.load_report.summary())
         if freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()

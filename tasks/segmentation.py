@@ -100,7 +100,8 @@ class SegmentationModule(TaskModule):
         decoder_dropout: channel dropout before the classifier.
         ignore_index: label left out of the loss and the metrics (linked from the data).
         align_corners: of the final bilinear upsampling; mmseg uses ``False``, segmentation-models-pytorch
-            ``True`` (set it to reproduce an smp model's outputs exactly).
+            ``True``. ``None``: the convention of the ``pretrained`` checkpoint's format (``True`` for an smp file,
+            said in the load report), else ``False``.
         ce_weight, dice_weight, lovasz_weight: weights of cross-entropy and of smp's Dice and Lovasz losses.
         class_weights: cross-entropy weight per class.
         inference: ``whole`` image or ``slide`` (windows of ``window_size`` every ``window_stride``,
@@ -117,7 +118,7 @@ class SegmentationModule(TaskModule):
         decoder_dim: int = 256,
         decoder_dropout: float = 0.1,
         ignore_index: int = 255,
-        align_corners: bool = False,
+        align_corners: bool | None = None,
         ce_weight: float = 1.0,
         dice_weight: float = 0.0,
         lovasz_weight: float = 0.0,
@@ -130,6 +131,8 @@ class SegmentationModule(TaskModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if self.hparams.align_corners is None:  # not set, and no convention from a checkpoint
+            self.hparams.align_corners = False
         if class_weights is not None and len(class_weights) != self.num_classes:
             raise ValueError(f"class_weights has {len(class_weights)} entries for {self.num_classes} classes")
         weights = None if class_weights is None else torch.tensor(class_weights)

@@ -104,3 +104,30 @@ def test_timm_model_checkpoint_loads_into_timm_backbone(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert (module(x) - reference(x)).abs().max() <= 1e-4
+
+
+def test_smp_checkpoint_brings_its_align_corners_unless_the_config_sets_it(tmp_path: Path) -> None:
+    """smp upsamples with align_corners=True: a module loading an smp file without the option set takes it, says so,
+    and gives smp's outputs; an explicit value wins, and the report says it differs from the file's convention."""
+    import segmentation_models_pytorch as smp
+
+    from tasks.segmentation import SegmentationModule
+
+    torch.manual_seed(0)
+    reference = smp.Segformer(encoder_name="mit_b0", encoder_weights=None, classes=3).eval()
+    torch.save(reference.state_dict(), tmp_path / "smp_segformer.pth")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference(x)
+    taken = SegmentationModule(backbone="mit_b0", num_classes=3, pretrained=str(tmp_path / "smp_segformer.pth")).eval()
+    assert taken.hparams.align_corners is True
+    assert "align_corners=True taken from the segformer-smp checkpoint" in taken.load_report.summary()
+    kept = SegmentationModule(
+        backbone="mit_b0", num_classes=3, pretrained=str(tmp_path / "smp_segformer.pth"), align_corners=False
+    ).eval()
+    assert kept.hparams.align_corners is False
+    assert "align_corners=False as set in the config, although segformer-smp checkpoints use" in kept.load_report.summary()
+    with torch.no_grad():
+        assert (taken(x) - expected).abs().max() <= 1e-4
+        assert (kept(x) - expected).abs().max() > 1e-3
+    assert SegmentationModule(backbone="mit_b0", num_classes=3).hparams.align_corners is False  # no file: ours
