@@ -57,6 +57,11 @@ class TaskModule(L.LightningModule):
         warmup_epochs, warmup_steps: linear warmup from ``warmup_start_ratio * lr`` (summed if both set).
         freeze_backbone: train only the head; the backbone also stays in eval mode (no dropout, drop path or
             BatchNorm statistics updates), so a linear probe is a real linear probe.
+        compile: ``torch.compile`` the module's ``forward`` (backbone and head; not the loss or the metrics, which
+            the step computes outside it), in place (``nn.Module.compile``), so parameter names and checkpoints are
+            those of the eager model. Off by default: the first steps pay the compilation, and on a CPU it gains
+            little (benchmarks/RESULTS.md).
+        compile_options: keyword arguments of ``torch.compile`` (``mode``, ``backend``, ``dynamic``, ``fullgraph``).
     """
 
     predict_output_dir: Path = Path("predictions")
@@ -89,6 +94,8 @@ class TaskModule(L.LightningModule):
         rsqrt_timescale: int = 10_000,
         cooldown_steps: int = 0,
         freeze_backbone: bool = False,
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # the subclass's arguments too (``build_head`` and ``build_metrics`` read them); the class names are kept in
@@ -112,6 +119,8 @@ class TaskModule(L.LightningModule):
         self.metrics = nn.ModuleDict({f"{s}_metrics": self.build_metrics(s).clone(prefix=f"{s}/") for s in ("train", "val", "test")})
         # sample-weighted mean over all processes (a mean of per-process means is wrong when shards differ in size)
         self.losses = nn.ModuleDict({f"{s}_loss": MeanMetric(nan_strategy="disable") for s in ("train", "val", "test")})
+        if compile:  # the module's forward (backbone and head); the step, loss and metrics run outside it
+            self.compile(**(compile_options or {}))
 
     def class_name(self, index: int) -> str:
         return self.class_names[index] if self.class_names and index < len(self.class_names) else str(index)
