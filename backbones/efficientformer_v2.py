@@ -10,7 +10,8 @@ The attention biases are kept as tables over the grid of ``img_size`` (timm's an
 resampled bicubically to the grid of the actual input, as position embeddings are, so any input whose sides are
 multiples of 32 works. ``fuse()`` turns the network into its inference form: every BatchNorm folded into the
 convolution before it, the layer scales into the convolutions closing their branches, the attention scale into
-the queries, and the subsampled query path into the centre tap of the strided depthwise conv.
+the queries, and the subsampled query path into the centre tap of the strided depthwise conv; on a CPU the maps
+then stay channels-last and each convolution runs with its GELU as one oneDNN call (``conv_fusion``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from .base import Backbone, FeatureInfo
+from .conv_fusion import channels_last_input, conv_act, to_channels_last
 from .layers import DropPath, resample_pos_embed, to_tuple
 from .registry import build_preset, register
 
@@ -42,6 +44,8 @@ class ConvNorm(nn.Module):
         self.act = act_layer() if act_layer is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.bn, nn.Identity):  # folded: conv and activation as one oneDNN call where it applies
+            return conv_act(self.conv, self.act, x)
         return self.act(self.bn(self.conv(x)))
 
     @torch.no_grad()
@@ -436,6 +440,8 @@ class EfficientFormerV2(Backbone):
         """The raw outputs of stages ``0..last``."""
         self.check_input(x)
         self.check_size(x.shape[2:])
+        if self.fused:
+            x = channels_last_input(x)
         x = self.stem(x)
         outs = []
         for stage in self.stages[: last + 1]:
@@ -468,6 +474,7 @@ class EfficientFormerV2(Backbone):
                 stage.downsample.fuse()
             for block in stage.blocks:
                 block.fuse()
+        to_channels_last(self)
         self.fused = True
         return self
 

@@ -3,7 +3,10 @@ and timm's, side by side in one process. Inference gathers the kept tokens (197 
 the masked forward (every token kept, decisions as an attention policy), so it costs at least the dense step.
 
     flock /tmp/vs-bench.lock python -m benchmarks.bench_token_pruning --results benchmarks/RESULTS.md
-    ... --video   (also TimeSformer-B, 8x224², batch 1, divided attention: pruned vs dense; slow on a CPU)
+    ... --video   (also TimeSformer-B, 8x224², batch 1, divided and joint attention: pruned vs dense; slow on a CPU)
+
+With divided attention every block is linear in the token count, so pruning saves at most its token fraction
+(about 35 %); with joint attention the space-time attention over 8x197 tokens is quadratic and falls faster.
 """
 
 from __future__ import annotations
@@ -33,15 +36,17 @@ def run_image(batch: int, size: int, keep_ratio: float, steps: int, warmup: int)
     return compare(entries, x, y, F.cross_entropy, steps=steps, warmup=warmup, title=title, baseline=PRUNED)
 
 
-def run_video(keep_ratio: float, steps: int, warmup: int) -> str:
+def run_video(keep_ratio: float, steps: int, warmup: int, attention: str) -> str:
     torch.manual_seed(0)
-    kwargs = {"backbone": "timesformer_base_patch16", "num_classes": 400}
+    kwargs = {"backbone": "timesformer_base_patch16", "backbone_kwargs": {"attention": attention}, "num_classes": 400}
     pruned = VideoClassificationModule(**kwargs, token_pruning=True, keep_ratio=keep_ratio)
     dense = VideoClassificationModule(**kwargs)
     dense.load_state_dict({k: v for k, v in pruned.state_dict().items() if ".predictors." not in k})
     x, y = torch.randn(1, 3, 8, 224, 224), torch.randint(0, 400, (1,))
     entries = [Entry(PRUNED, pruned, pruned), Entry("ours", dense, dense)]
-    title = f"timesformer_base_patch16 (divided) with token pruning (rho {keep_ratio}, whole positions) vs dense, 8x224x224, batch 1"
+    units = "whole positions across frames" if attention == "divided" else "all 8x196 tokens"
+    title = (f"timesformer_base_patch16 ({attention} attention) with token pruning (rho {keep_ratio}, {units}) vs dense, "
+             "8x224x224, batch 1")
     return compare(entries, x, y, F.cross_entropy, steps=steps, warmup=warmup, title=title, baseline=PRUNED)
 
 
@@ -55,7 +60,7 @@ def main() -> None:
     args = parse_bench_args(parser)
     tables = [run_image(args.batch, args.size, args.keep_ratio, args.steps, args.warmup)]
     if args.video:
-        tables.append(run_video(args.keep_ratio, args.steps, args.warmup))
+        tables += [run_video(args.keep_ratio, args.steps, args.warmup, attention) for attention in ("divided", "joint")]
     body = "`python -m benchmarks.bench_token_pruning`\n\n" + (f"{args.note}\n\n" if args.note else "") + "\n\n".join(tables)
     print(body)
     if args.results:
