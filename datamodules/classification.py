@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from .common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    CheckFiles,
     DataError,
     TaskDataModule,
     check_images,
@@ -120,7 +121,9 @@ class ClassificationDataModule(TaskDataModule):
         mean, std: normalisation, in 0..1 units.
         batch_size: per process; the effective batch is ``batch_size * devices * nodes * accumulate``.
         num_workers: loader processes.
-        check_files: open every image header at setup so a corrupt file fails now, not mid-epoch.
+        check_files: at setup, ``true``/``full`` decodes every image (in threads, timed) so a corrupt or truncated
+            file fails now, not mid-epoch; ``header`` reads headers only (fast, misses truncated files);
+            ``false``/``none`` skips the check.
         search_holdout_per_class: training images per class left out of training (``split_holdout``) for a
             network search's fitness (``python -m tasks.search``); 0 trains on all of them.
         synthetic_size, synthetic_train_per_class: shape of the default data set.
@@ -146,7 +149,7 @@ class ClassificationDataModule(TaskDataModule):
         std: tuple[float, float, float] = IMAGENET_STD,
         batch_size: int = 32,
         num_workers: int | None = None,
-        check_files: bool = True,
+        check_files: CheckFiles = True,
         search_holdout_per_class: int = 0,
         synthetic_size: int = 64,
         synthetic_train_per_class: int = 400,
@@ -217,8 +220,7 @@ class ClassificationDataModule(TaskDataModule):
         return self._dataset(samples, transform)
 
     def _dataset(self, samples: list[tuple[Path, int]], transform: A.Compose) -> ImageFolderDataset:
-        if self.hparams.check_files:
-            check_images([p for p, _ in samples])
+        check_images([p for p, _ in samples], mode=self.hparams.check_files)
         return ImageFolderDataset(samples, transform)
 
     def setup(self, stage: str) -> None:
@@ -235,6 +237,5 @@ class ClassificationDataModule(TaskDataModule):
             images = list_images(folder)
             if not images:
                 raise DataError(f"no image files under {folder} to predict")
-            if hp.check_files:
-                check_images(images)
+            check_images(images, mode=hp.check_files)
             self.datasets["predict"] = ImageFolderDataset([(p, -1) for p in images], self.eval_transform())

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import lightning as L
 import numpy as np
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from .errors import DataError, listing_error
 from .sampling import (
     EpochShuffleSampler,
     ResumableDataLoader,
@@ -25,9 +29,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-class DataError(ValueError):
-    """A problem with the user's data, naming the file or folder at fault."""
+CheckFiles = bool | Literal["full", "header", "none"]
+"""The up-front file check: ``full``/``true`` decodes every file, ``header`` reads headers only (fast, misses
+truncated files), ``none``/``false`` skips it."""
+T = TypeVar("T")
 
 
 def default_num_workers() -> int:
@@ -43,22 +48,58 @@ def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
         raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
 
 
-def check_images(paths: Sequence[str | Path], *, workers: int = 8) -> None:
-    """Open every file's header (in threads) and raise one DataError listing the unreadable ones."""
+def check_mode(value: CheckFiles) -> Literal["full", "header", "none"]:
+    """The ``check_files`` option as one of its three forms."""
+    if value is True or value == "full":
+        return "full"
+    if value is False or value in ("none", None):
+        return "none"
+    if value == "header":
+        return "header"
+    raise ValueError(f"check_files must be true/full, header or false/none, got {value!r}")
 
-    def probe(path: str | Path) -> str | None:
-        try:
-            with Image.open(path) as img:
-                img.verify()
-            return None
-        except Exception as err:
-            return f"{path}: {type(err).__name__}: {err}"
 
-    with ThreadPoolExecutor(workers) as pool:
-        bad = [msg for msg in pool.map(probe, paths) if msg]
+def check_workers() -> int:
+    """Threads of the up-front checks: the decoders (Pillow, zlib) release the GIL, so threads use every core."""
+    return max(2, min(16, os.cpu_count() or 1))
+
+
+def run_check(
+    items: Sequence[T], probe: Callable[[T], list[str]], *, what: str, mode: str, workers: int | None = None
+) -> list[str]:
+    """``probe`` every item in a thread pool (``workers`` threads, default ``check_workers()``), with a progress
+    bar on a terminal and the time taken printed (by rank 0); the problems found, in the items' order."""
+    start = time.perf_counter()
+    rank_zero = process_group()[0] == 0
+    with ThreadPoolExecutor(workers or check_workers()) as pool:
+        results = pool.map(probe, items)
+        bar = tqdm(results, total=len(items), desc=f"checking {what}", unit="file", leave=False,
+                   disable=None if rank_zero else True, file=sys.stderr)
+        problems = [p for found in bar for p in found]
+    if rank_zero:
+        print(f"checked {len(items)} {what} ({mode}) in {time.perf_counter() - start:.1f} s", flush=True)
+    return problems
+
+
+def probe_image(path: str | Path, mode: Literal["full", "header"] = "full") -> str | None:
+    """Why ``path`` cannot serve as an image (``None`` when it can): ``full`` decodes every pixel, so a
+    truncated file fails here; ``header`` only parses the header (``PIL.Image.verify``)."""
+    try:
+        with Image.open(path) as img:
+            img.load() if mode == "full" else img.verify()
+        return None
+    except Exception as err:  # PIL raises several types for corrupt or truncated files
+        return f"{path}: {type(err).__name__}: {err}"
+
+
+def check_images(paths: Sequence[str | Path], *, mode: CheckFiles = "full") -> None:
+    """Decode every file (``mode="header"``: read its header) and raise one DataError listing the unreadable ones."""
+    form = check_mode(mode)
+    if form == "none":
+        return
+    bad = run_check(list(paths), lambda p: [m] if (m := probe_image(p, form)) else [], what="images", mode=form)
     if bad:
-        listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise DataError(f"{len(bad)} unreadable image file(s):\n  {listing}")
+        raise listing_error("unreadable image file(s)", bad)
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -32,7 +32,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from .common import DataError, TaskDataModule
+from .common import CheckFiles, DataError, TaskDataModule
 from .medical_check import check_volumes
 from .nifti_io import label_in_original_space, write_nifti_labels
 from .synthetic_volumes import CLASS_NAMES, synthetic_volumes
@@ -101,7 +101,9 @@ class MedicalDataModule(TaskDataModule):
         batch_size: volumes per training step; the step sees ``batch_size * num_samples`` crops.
         num_workers, cache_num_workers: loader and caching processes/threads.
         check_files: check every listed file up front (exists; shapes and affines of image and label agree;
-            label values inside the declared classes).
+            label values inside the declared classes); ``true``/``full`` also reads every image's voxels (a
+            truncated file, NaN or infinite values fail at setup, named); ``header`` skips that; ``false``/``none``
+            skips the check.
         synthetic_num_train, synthetic_size, synthetic_channels: shape of the default data set.
     """
 
@@ -129,7 +131,7 @@ class MedicalDataModule(TaskDataModule):
         batch_size: int = 1,
         num_workers: int | None = None,
         cache_num_workers: int | None = None,
-        check_files: bool = True,
+        check_files: CheckFiles = True,
         synthetic_num_train: int = 24,
         synthetic_size: int = 64,
         synthetic_channels: int = 1,
@@ -250,8 +252,7 @@ class MedicalDataModule(TaskDataModule):
         entries = self.entries(split)
         if not entries:
             raise DataError(f"no volumes in the {split!r} split of {self.data_root() / self.hparams.dataset_json}")
-        if self.hparams.check_files:
-            check_volumes(entries, num_classes=self.num_classes, in_channels=self.in_channels)
+        check_volumes(entries, num_classes=self.num_classes, in_channels=self.in_channels, mode=self.hparams.check_files)
         workers = self.hparams.cache_num_workers or max(1, self.num_workers)
         rate = self.hparams.cache_rate if cache else 0.0
         return CacheDataset(entries, transform, cache_rate=rate, num_workers=workers, progress=False)

@@ -1,20 +1,22 @@
 """Up-front check of a 3-D segmentation data set, so a bad file fails at setup with its name, not mid-epoch.
 
-NIfTI headers give shapes and affines without reading the voxels; only label volumes are read in full,
-to check their values. Files in other formats (``.nrrd``, ``.mha``) are only checked for existence.
+NIfTI headers give shapes and affines; label volumes are read in full to check their values, and in the
+``full`` form image volumes too, so a truncated file or NaN/infinite voxels fail here rather than as an
+unnamed ``LoadImaged`` error or a NaN loss at the first step. Files in other formats (``.nrrd``, ``.mha``) are
+only checked for existence.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
 
-from .common import DataError
+from .common import CheckFiles, check_mode, run_check
+from .errors import listing_error
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 AFFINE_TOLERANCE_MM = 1e-3
@@ -29,8 +31,24 @@ def _header(path: str) -> tuple[tuple[int, ...], np.ndarray]:
     return tuple(int(s) for s in img.shape), np.asarray(img.affine)
 
 
-def check_entry(entry: dict[str, Any], num_classes: int, in_channels: int) -> list[str]:
-    """Problems with one ``{"image", "label"?}`` entry, each naming its file; empty when it is fine."""
+def voxel_problems(path: str) -> list[str]:
+    """Why the voxels of a NIfTI image cannot be trained on: unreadable (truncated, corrupt) or not finite."""
+    try:
+        data = np.asanyarray(nib.load(path).dataobj)
+    except Exception as err:  # nibabel/gzip/zlib raise several types for truncated or corrupt data
+        return [f"{path}: unreadable voxel data (truncated or corrupt file?): {type(err).__name__}: {err}"]
+    if data.dtype.kind in "fc":
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            return [f"{path}: {bad} NaN or infinite voxel(s) of {data.size}; they would make the loss NaN"]
+    return []
+
+
+def check_entry(
+    entry: dict[str, Any], num_classes: int, in_channels: int, mode: Literal["full", "header"] = "full"
+) -> list[str]:
+    """Problems with one ``{"image", "label"?}`` entry, each naming its file; empty when it is fine. ``full``
+    also reads the image's voxels (truncated files, NaN or infinite values)."""
     image, label = entry["image"], entry.get("label")
     problems = [f"{p}: file not found (listed in dataset.json)" for p in (image, label) if p and not Path(p).is_file()]
     if problems or not is_nifti(image):
@@ -47,6 +65,8 @@ def check_entry(entry: dict[str, Any], num_classes: int, in_channels: int) -> li
         )
     elif len(shape) == 3 and in_channels != 1:
         problems.append(f"{image}: a single-channel volume where dataset.json declares {in_channels} modalities")
+    if mode == "full":
+        problems += voxel_problems(image)
     if not label or not is_nifti(label):
         return problems
     try:
@@ -76,10 +96,15 @@ def check_entry(entry: dict[str, Any], num_classes: int, in_channels: int) -> li
     return problems
 
 
-def check_volumes(entries: Sequence[dict[str, Any]], *, num_classes: int, in_channels: int, workers: int = 4) -> None:
-    """Check every entry (in threads) and raise one DataError listing all problems, one per line."""
-    with ThreadPoolExecutor(workers) as pool:
-        found = [p for problems in pool.map(lambda e: check_entry(e, num_classes, in_channels), entries) for p in problems]
+def check_volumes(
+    entries: Sequence[dict[str, Any]], *, num_classes: int, in_channels: int, mode: CheckFiles = "full"
+) -> None:
+    """Check every entry (in threads, timed) and raise one DataError listing all problems, one per line."""
+    form = check_mode(mode)
+    if form == "none":
+        return
+    found = run_check(
+        list(entries), lambda e: check_entry(e, num_classes, in_channels, form), what="volumes", mode=form, workers=4
+    )
     if found:
-        shown = "\n  ".join(found[:30]) + (f"\n  ... and {len(found) - 30} more" if len(found) > 30 else "")
-        raise DataError(f"{len(found)} problem(s) in the data set:\n  {shown}")
+        raise listing_error("problem(s) in the data set", found, limit=30)

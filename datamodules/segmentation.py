@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +22,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from .common import IMAGENET_MEAN, IMAGENET_STD, DataError, TaskDataModule, list_images, read_image
+from .common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CheckFiles,
+    DataError,
+    TaskDataModule,
+    check_mode,
+    list_images,
+    read_image,
+    run_check,
+)
+from .errors import listing_error
 from .label_maps import CITYSCAPES_PALETTE, voc_palette, write_label_map, write_overlay
 from .segmentation_transforms import eval_pipeline, train_pipeline
 from .synthetic_scenes import SCENE_CLASSES, synthetic_scenes
@@ -82,10 +92,9 @@ def find_pairs(
         raise DataError(f"image folder not found: {folder} (layout {layout!r}, split {split!r})")
     if not images:
         raise DataError(f"no images under {folder} (layout {layout!r}, split {split!r})")
-    missing = [f"{img} (expected {mask})" for img, mask in zip(images, masks) if not mask.is_file()]
+    missing = [f"{img}: no mask (expected {mask})" for img, mask in zip(images, masks) if not mask.is_file()]
     if missing:
-        listing = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
-        raise DataError(f"{len(missing)} image(s) without a mask:\n  {listing}")
+        raise listing_error("image(s) without a mask", missing)
     return list(zip(images, masks))
 
 
@@ -111,35 +120,43 @@ def reduce_zero(mask: np.ndarray, ignore_index: int) -> np.ndarray:
 
 
 def check_pairs(
-    pairs: Sequence[tuple[Path, Path]], *, num_classes: int, ignore_index: int, reduce_zero_label: bool, workers: int = 8
+    pairs: Sequence[tuple[Path, Path]], *, num_classes: int, ignore_index: int, reduce_zero_label: bool,
+    mode: CheckFiles = "full",
 ) -> None:
-    """Every mask readable, of its image's size, with labels in ``[0, num_classes) | {ignore_index}``."""
+    """Every mask readable, of its image's size, with labels in ``[0, num_classes) | {ignore_index}``; the image
+    decoded in full (``mode="header"``: its header read), so a truncated file fails here, not mid-epoch."""
+    form = check_mode(mode)
+    if form == "none":
+        return
 
-    def probe(pair: tuple[Path, Path]) -> str | None:
+    def probe(pair: tuple[Path, Path]) -> list[str]:
         image, mask_path = pair
         try:
             with Image.open(image) as img:
                 size = img.size
-            mask = read_mask(mask_path)
-        except Exception as err:
-            return f"{image}: {err}"
+                if form == "full":
+                    img.load()
+        except Exception as err:  # PIL raises several types for corrupt or truncated files
+            return [f"{image}: {type(err).__name__}: {err}"]
+        try:
+            mask = read_mask(mask_path)  # decodes the whole label map: its values are checked below
+        except DataError as err:
+            return [str(err)]
         if (mask.shape[1], mask.shape[0]) != size:
-            return f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image} is {size[0]}x{size[1]}"
+            return [f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image} is {size[0]}x{size[1]}"]
         values = np.unique(mask)
         labels = reduce_zero(values, ignore_index) if reduce_zero_label else values
         bad = values[(labels >= num_classes) & (labels != ignore_index) | (labels < 0)]
         if len(bad):
-            return (
+            return [
                 f"mask {mask_path} has label value(s) {bad.tolist()[:8]} outside [0, {num_classes}) and ignore_index "
                 f"{ignore_index}" + (" (after reduce_zero_label)" if reduce_zero_label else "")
-            )
-        return None
+            ]
+        return []
 
-    with ThreadPoolExecutor(workers) as pool:
-        bad = [msg for msg in pool.map(probe, pairs) if msg]
+    bad = run_check(list(pairs), probe, what="image/mask pairs", mode=form)
     if bad:
-        listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise DataError(f"{len(bad)} bad image/mask pair(s):\n  {listing}")
+        raise listing_error("bad image/mask pair(s)", bad)
 
 
 class SegmentationDataset(Dataset):
@@ -211,7 +228,9 @@ class SegmentationDataModule(TaskDataModule):
         batch_size: training batch per process (the effective batch is ``batch_size * devices * accumulate``).
         val_batch_size: evaluation batch; 1 unless all images share one size.
         num_workers: loader processes.
-        check_files: check every pair up front (mask present, same size, labels in range).
+        check_files: check every pair up front (mask present, same size, labels in range); ``true``/``full``
+            also decodes every image (in threads, timed), so a truncated file fails at setup; ``header`` reads
+            image headers only (fast, misses truncated images); ``false``/``none`` skips the check.
         synthetic_size, synthetic_train, synthetic_val: the default scenes' side and counts.
     """
 
@@ -242,7 +261,7 @@ class SegmentationDataModule(TaskDataModule):
         batch_size: int = 8,
         val_batch_size: int = 1,
         num_workers: int | None = None,
-        check_files: bool = True,
+        check_files: CheckFiles = True,
         synthetic_size: int = 128,
         synthetic_train: int = 400,
         synthetic_val: int = 100,
@@ -300,10 +319,10 @@ class SegmentationDataModule(TaskDataModule):
     def _dataset(self, which: Literal["train", "val", "test"]) -> SegmentationDataset:
         hp, root = self.hparams, self.data_root()
         pairs = find_pairs(root, self.layout, self.split_name(which), hp.image_dir, hp.mask_dir)
-        if hp.check_files:
-            check_pairs(
-                pairs, num_classes=self.num_classes, ignore_index=hp.ignore_index, reduce_zero_label=self.reduce_zero_label
-            )
+        check_pairs(
+            pairs, num_classes=self.num_classes, ignore_index=hp.ignore_index, reduce_zero_label=self.reduce_zero_label,
+            mode=hp.check_files,
+        )
         if which == "train":
             transform = train_pipeline(
                 crop_size=hp.crop_size, scale=hp.scale, ratio_range=hp.ratio_range, cat_max_ratio=hp.cat_max_ratio,

@@ -4,8 +4,11 @@ Only the sampled frames are decoded (``VideoReader.get_batch``). Training clips 
 random window of ``num_frames * sampling_rate`` frames, Kinetics) or uniformly (one random frame per
 segment, Something-Something), scaled so the short side is random in ``jitter_scales``, randomly cropped
 and optionally flipped. Evaluation takes ``test_clips`` evenly spaced clips × ``test_crops`` crops along
-the long side (``[V, C, T, H, W]`` per sample when ``V > 1``). A clip that fails to decode is skipped with
-one warning naming the file; the collate function drops it and reports it under ``batch["skipped"]``.
+the long side (``[V, C, T, H, W]`` per sample when ``V > 1``). A file decord cannot read (it fails on some
+valid H.264 clips, e.g. of widths 16, 24, 48 or 72 px) is read with PyAV; each batch lists the reader that served
+each clip under ``batch["readers"]``. A clip neither can decode is skipped with one warning naming the file; the
+collate function drops it and reports it under ``batch["skipped"]``, and a pass over a split that skips more than
+``max_skipped_fraction`` of its clips stops the run with an error naming the first ones.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from einops import rearrange
 from torch.utils.data import Dataset, default_collate
 
 from .common import DataError, TaskDataModule
+from .sampling import process_group
 from .synthetic_videos import MOTION_CLASSES, synthetic_motion_videos
 from .video_annotations import (
     ClassVocabulary,
@@ -33,6 +37,7 @@ from .video_annotations import (
     read_entries,
     resolve_samples,
 )
+from .video_decoding import FRAME_READERS, SkippedClipCeiling
 
 SamplingName = Literal["dense", "uniform"]
 VIDEO_MEAN = (0.45, 0.45, 0.45)  # the normalisation the TimeSformer (and SlowFast) release trains with
@@ -160,40 +165,49 @@ class VideoClipDataset(Dataset):
         stride = self.sampling_rate * (fps / self.target_fps if self.target_fps and fps > 0 else 1.0)
         return [dense_indices(num_video_frames, self.num_frames, stride, rng, v, n) for v in views]
 
-    def load_views(self, path: Path) -> list[torch.Tensor]:
-        import decord
-
-        decord.logging.set_level(decord.logging.QUIET)
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-        if len(reader) == 0:
-            raise ValueError("the video has no frames")
-        clips = self.clip_indices(len(reader), reader.get_avg_fps())
-        wanted = np.unique(np.concatenate(clips))
-        frames = reader.get_batch(wanted.tolist()).asnumpy()  # [F, H, W, 3], only the frames we need
-        return [view for clip in clips for view in self.transform(frames[np.searchsorted(wanted, clip)])]
+    def load_views(self, path: Path) -> tuple[list[torch.Tensor], str]:
+        """The clip's views and the name of the reader that decoded it: decord, else PyAV (``FRAME_READERS``);
+        raises with every reader's reason when none can."""
+        failures = []
+        for name, read in FRAME_READERS.items():
+            try:
+                frames, clips = read(path, self.clip_indices)  # [F, H, W, 3], only the frames we need
+            except ImportError:
+                continue
+            except Exception as err:  # the readers raise several types for corrupt, truncated or odd files
+                failures.append(f"{name}: {type(err).__name__}: {str(err).strip()[:150]}")
+                continue
+            wanted = np.unique(np.concatenate(clips))
+            return [view for clip in clips for view in self.transform(frames[np.searchsorted(wanted, clip)])], name
+        raise ValueError("; ".join(failures) or "no video reader installed (decord or av)")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         try:
-            views = self.load_views(sample.path)
-        except Exception as err:  # decord raises several types for corrupt, truncated or odd files
+            views, reader = self.load_views(sample.path)
+        except Exception as err:
             if str(sample.path) not in self._warned:
                 self._warned.add(str(sample.path))
                 warnings.warn(
-                    f"skipping {sample.path} (listed at {sample.source}): cannot decode it: "
-                    f"{type(err).__name__}: {str(err).strip()[:200]}", SkippedClipWarning, stacklevel=2,
+                    f"skipping {sample.path} (listed at {sample.source}): cannot decode it: {err}",
+                    SkippedClipWarning, stacklevel=2,
                 )
             return {"skipped": str(sample.path), "index": index}
         clip = views[0] if len(views) == 1 else torch.stack(views)  # [C, T, H, W] or [V, C, T, H, W]
-        return {"input": clip, "target": torch.tensor(sample.label), "index": index, "path": str(sample.path)}
+        return {
+            "input": clip, "target": torch.tensor(sample.label), "index": index, "path": str(sample.path),
+            "reader": reader,
+        }
 
 
 def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch the decoded clips; skipped ones are dropped and listed under ``skipped`` (``input`` is None
-    when every clip of the batch was skipped)."""
+    when every clip of the batch was skipped); ``readers`` names the reader of each kept clip."""
     kept = [item for item in items if "skipped" not in item]
+    readers = [item.pop("reader") for item in kept]
     batch = default_collate(kept) if kept else {"input": None, "target": None, "index": torch.empty(0), "path": []}
     batch["skipped"] = [item["skipped"] for item in items if "skipped" in item]
+    batch["readers"] = readers
     return batch
 
 
@@ -223,6 +237,9 @@ class VideoDataModule(TaskDataModule):
         batch_size: clips per process; the effective batch is ``batch_size * devices * nodes * accumulate``.
         num_workers: loader processes (``None``: up to 4).
         check_files: check at setup that every listed file exists and is not empty.
+        max_skipped_fraction: clips that neither decord nor PyAV can decode are skipped (with a warning); a pass
+            over a split (an epoch of training, one validation) that skips more than this share of its clips
+            stops the run with an error naming the first files.
         synthetic_per_class: training clips per class of the synthetic set.
     """
 
@@ -250,10 +267,12 @@ class VideoDataModule(TaskDataModule):
         batch_size: int = 8,
         num_workers: int | None = None,
         check_files: bool = True,
+        max_skipped_fraction: float = 0.1,
         synthetic_per_class: int = 128,
     ) -> None:
         super().__init__(root, num_workers)
         self.save_hyperparameters()
+        self.skip_ceiling = SkippedClipCeiling(max_skipped_fraction)
         if test_crops not in (1, 3):
             raise ValueError(f"test_crops must be 1 or 3, got {test_crops}")
         lo, hi = jitter_scales
@@ -324,3 +343,18 @@ class VideoDataModule(TaskDataModule):
 
     def collate(self, split: str) -> Callable[[list[Any]], Any]:
         return collate_clips
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the batch's skipped clips against ``max_skipped_fraction`` of its pass over the split."""
+        trainer = self.trainer
+        if trainer is None or not isinstance(batch, dict) or not batch.get("skipped"):
+            return batch
+        split = (
+            "train" if trainer.training else "val" if trainer.validating or trainer.sanity_checking
+            else "test" if trainer.testing else "predict"
+        )
+        if split in self.datasets:
+            per_rank = -(-len(self.datasets[split]) // process_group()[1])  # this process's shard, rounded up
+            pass_key = (trainer.current_epoch, None if split == "train" else trainer.global_step, trainer.sanity_checking)
+            self.skip_ceiling.add(split, pass_key, batch["skipped"], per_rank)
+        return batch

@@ -8,7 +8,10 @@ the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,7 +21,10 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from datamodules.errors import CheckpointError
 from datamodules.io import atomic_write
+
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -41,12 +47,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
 
         folder = os.path.dirname(os.path.abspath(path))
+        remove_stale_temporaries(path)
         atomic_write(path, write)
         fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporary files ``atomic_write`` left beside ``path`` when a process was killed while writing
+    it (``.last.ckpt.<8 random characters>.ckpt``), and return them. Called as each write starts: one process
+    writes a given checkpoint at a time, so any such file is the remains of a write that never finished."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}{re.escape(path.suffix)}")
+    stale = [p for p in path.parent.glob(f".{path.name}.*") if pattern.fullmatch(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -84,3 +103,46 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def check_trainer_checkpoint(ckpt_path: str | Path | None, last_dir: str | Path | None = None) -> None:
+    """Raise a ``CheckpointError`` naming ``--ckpt_path``'s file and what it is when the trainer could not start
+    from it: missing, unreadable (truncated, corrupt) or not a Lightning checkpoint (a plain state dict, a
+    safetensors file, which ``--model.pretrained`` takes). ``last`` is checked as ``<last_dir>/last.ckpt`` when
+    that file exists. The file is read with ``weights_only=True`` and memory-mapped, so no code in it runs and
+    its tensors are not loaded; one that holds more than plain types is left to Lightning."""
+    if ckpt_path is None:
+        return
+    path = Path(ckpt_path)
+    if str(ckpt_path) == "last" and last_dir is not None and (Path(last_dir) / "last.ckpt").is_file():
+        path = Path(last_dir) / "last.ckpt"
+    elif str(ckpt_path).split(":")[0] in LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+        return
+    hint = f"--ckpt_path takes a checkpoint a run wrote (runs/.../last.ckpt); load plain weights with --model.pretrained {path}"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found (--ckpt_path)")
+    if path.suffix == ".safetensors":
+        raise CheckpointError(f"{path}: a safetensors weights file, not a Lightning checkpoint; {hint}")
+    try:
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            content = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            return  # it holds objects beyond plain types (hyperparameters of a class): Lightning reads it
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({err}); {hint}") from err
+    except Exception as err:  # torch raises several types for truncated or corrupt files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint (truncated or corrupt?): {reason}") from err
+    if isinstance(content, dict) and "pytorch-lightning_version" in content and "state_dict" in content:
+        return
+    if isinstance(content, dict) and content and all(isinstance(v, torch.Tensor) for v in content.values()):
+        what = f"a plain state dict of {len(content)} tensors"
+    elif isinstance(content, dict):
+        what = f"a dict with keys {sorted(map(str, content))[:6]}"
+    else:
+        what = f"a {type(content).__name__}"
+    raise CheckpointError(f"{path}: {what}, not a Lightning checkpoint (no 'pytorch-lightning_version'); {hint}")

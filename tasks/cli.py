@@ -3,15 +3,23 @@ long multi-process runs."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from typing import Any
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from .checkpointing import AtomicCheckpointIO, LastCheckpoint
+from datamodules.errors import InputError
+
+from .checkpointing import AtomicCheckpointIO, LastCheckpoint, check_trainer_checkpoint
 from .distributed import SyncBatchNormWhenDistributed
 from .export import TaskTrainer
 from .module import TaskModule
@@ -51,6 +59,8 @@ class TaskCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(config.trainer.default_root_dir or os.getcwd(), "checkpoints")
+        if self.subcommand in ("fit", "validate", "test", "predict"):  # say what a bad file is before building anything
+            check_trainer_checkpoint(config.get("ckpt_path"), config.checkpoint.dirpath)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = self._get(self.config_init, "trainer", default={})
@@ -73,12 +83,50 @@ def _as_list(value: Any) -> list[Any]:
     return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
+VERBOSE_ENV = "VISION_SUITE_VERBOSE"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextmanager
+def input_errors_in_one_line() -> Iterator[None]:
+    """Print an ``InputError`` (bad data, a checkpoint of the wrong kind) as ``error: <file>: <reason>`` on the
+    last line of stderr and exit with status 2; with ``VISION_SUITE_VERBOSE=1`` the traceback comes first.
+    Other exceptions, bugs, keep their traceback."""
+    try:
+        yield
+    except InputError as err:
+        if os.environ.get(VERBOSE_ENV, "0") not in ("", "0"):
+            traceback.print_exc()
+        else:
+            lines = str(err).strip().splitlines()
+            if len(lines) > 2 and "Original Traceback" not in str(err):  # a listing of several bad files
+                print("\n".join(lines), file=sys.stderr)
+            print(f"(the traceback is left out; {VERBOSE_ENV}=1 shows it)", file=sys.stderr)
+        print(f"error: {err.one_line()}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def command_line_errors(entry: F) -> F:
+    """Run ``entry`` under ``input_errors_in_one_line`` when it parses the command line (``args`` None); called
+    with ``args`` from Python (tests, notebooks) its errors raise as usual."""
+
+    @functools.wraps(entry)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from_command_line = inspect.signature(entry).bind(*args, **kwargs).arguments.get("args") is None
+        with input_errors_in_one_line() if from_command_line else nullcontext():
+            return entry(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+@command_line_errors
 def run_cli(
     model_class: type[TaskModule], datamodule_class: type[L.LightningDataModule], args: Any = None,
     cli_class: type[TaskCLI] = TaskCLI, run: bool = True,
 ) -> TaskCLI:
     """Entry point of ``python -m tasks.<name>``: subcommands fit/validate/test/predict, YAML configs.
-    ``cli_class`` lets a task link more data attributes into its model (a ``TaskCLI`` subclass)."""
+    ``cli_class`` lets a task link more data attributes into its model (a ``TaskCLI`` subclass). From the command
+    line (``args`` None) a user's input errors print as one line, the traceback behind ``VISION_SUITE_VERBOSE=1``."""
     torch.set_float32_matmul_precision("high")
     return cli_class(
         model_class,

@@ -6,6 +6,7 @@ multi-view testing and skip-and-count handling of clips that fail to decode.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ class VideoClassificationModule(ClassificationModule):
         if self.hparams.save_token_maps:
             raise ValueError("save_token_maps draws over images; it is not available for video clips")
         self.skipped: dict[str, int] = {"train": 0, "val": 0, "test": 0}
+        self.readers: dict[str, Counter[str]] = {"train": Counter(), "val": Counter(), "test": Counter()}
 
     def build_head(self) -> nn.Module:
         if self.hparams.pool == "native" or not self.backbone.has_tokens:
@@ -74,11 +76,15 @@ class VideoClassificationModule(ClassificationModule):
 
     def skip_batch(self, batch: dict[str, Any], stage: Stage) -> bool:
         self.skipped[stage] += len(batch.get("skipped", ()))
+        self.readers[stage].update(batch.get("readers", ()))
         return batch["input"] is None
 
     def _report_skipped(self, stage: Stage) -> None:
         count = self.skipped[stage]
         self.log(f"{stage}/skipped_clips", float(count), reduce_fx="sum", sync_dist=True)
+        for reader in ("decord", "pyav"):  # which reader served the clips (PyAV reads what decord cannot)
+            self.log(f"{stage}/clips_read_by_{reader}", float(self.readers[stage][reader]), reduce_fx="sum", sync_dist=True)
+        self.readers[stage].clear()
         if count:
             rank_zero_warn(f"{count} {stage} clip(s) could not be decoded this epoch and were skipped (see warnings above)")
         self.skipped[stage] = 0
@@ -90,6 +96,7 @@ class VideoClassificationModule(ClassificationModule):
         if not self.trainer.sanity_checking:
             self._report_skipped("val")
         self.skipped["val"] = 0
+        self.readers["val"].clear()
 
     def on_test_epoch_end(self) -> None:
         self._report_skipped("test")

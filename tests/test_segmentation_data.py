@@ -78,7 +78,7 @@ def test_reduce_zero_label() -> None:
 @pytest.mark.parametrize(
     "kind, message",
     [
-        ("missing", r"without a mask:\n  .*images/val/1\.jpg \(expected .*masks/val/1\.png\)"),
+        ("missing", r"without a mask:\n  .*images/val/1\.jpg: no mask \(expected .*masks/val/1\.png\)"),
         ("size", r"mask .*masks/val/1\.png is 30x20 but image .*images/val/1\.jpg is 48x40"),
         ("label", r"mask .*masks/val/1\.png has label value\(s\) \[200\] outside \[0, 19\)"),
     ],
