@@ -111,8 +111,15 @@ def _fetch(spec: str, repo: str, revision: str | None, filename: str | None) -> 
                 f"{f' at revision {revision!r}' if revision else ''} (or it is private or gated: log in with "
                 f"`hf auth login`): {type(err).__name__}"
             ) from err
-    if filename is None and (only := _only_weights_file(repo, revision, offline=local_only)) is not None:
-        return only
+    weights = [] if filename else _weights_files(repo, revision, offline=local_only)
+    if len(weights) == 1:
+        try:
+            return Path(hf_hub_download(repo, weights[0], revision=revision, local_files_only=local_only))
+        except LocalEntryNotFoundError:
+            pass
+    if len(weights) > 1:
+        raise ValueError(f"pretrained {spec!r}: {repo} holds several weights files ({', '.join(weights)}): name one, "
+                         f"hf-hub:{repo}/<file>")
     where = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
     wanted = " or ".join(candidates)
     if reached_hub:
@@ -127,10 +134,10 @@ def _fetch(spec: str, repo: str, revision: str | None, filename: str | None) -> 
     )
 
 
-def _only_weights_file(repo: str, revision: str | None, *, offline: bool) -> Path | None:
-    """The repo's single weights file when it has exactly one (a ``.pth`` release, ``open_clip_model.safetensors``),
-    listed from the Hub when reachable, else from the cached snapshot; ``None`` when there are none or several."""
-    from huggingface_hub import constants, hf_hub_download, list_repo_files
+def _weights_files(repo: str, revision: str | None, *, offline: bool) -> list[str]:
+    """The repo's weights files (a ``.pth`` release, ``open_clip_model.safetensors``), listed from the Hub when
+    reachable, else from the cached snapshot."""
+    from huggingface_hub import constants, list_repo_files
 
     names: list[str] = []
     if not offline and not constants.HF_HUB_OFFLINE:
@@ -145,10 +152,4 @@ def _only_weights_file(repo: str, revision: str | None, *, offline: bool) -> Pat
         snapshot = folder / "snapshots" / commit
         if commit and snapshot.is_dir():
             names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
-    weights = [n for n in names if n.endswith(WEIGHT_SUFFIXES) and not n.endswith(".index.json")]
-    if len(weights) != 1:
-        return None
-    try:
-        return Path(hf_hub_download(repo, weights[0], revision=revision))
-    except OSError:
-        return None
+    return sorted(n for n in names if n.endswith(WEIGHT_SUFFIXES))

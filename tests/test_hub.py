@@ -84,6 +84,9 @@ def test_a_named_file_and_the_repos_only_weights_file(hub_cache: Path, source) -
     assert_same_logits(named, source)
     # no model.safetensors or pytorch_model.bin: the repo's one weights file is taken
     assert resolve_pretrained("hf-hub:lab/release").name == "vit_tiny_ep300.pth"
+    put_in_cache(hub_cache, "lab/two", {"a.pth": {"w": torch.zeros(1)}, "b.pth": {"w": torch.zeros(1)}})
+    with pytest.raises(ValueError, match=r"several weights files \(a.pth, b.pth\): name one"):
+        resolve_pretrained("hf-hub:lab/two")
 
 
 def test_timm_name_resolves_to_timms_hub_repo(hub_cache: Path, source) -> None:
