@@ -19,7 +19,6 @@ from monai.data import CacheDataset, list_data_collate
 from monai.transforms import (
     Compose,
     CropForegroundd,
-    LoadImaged,
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
@@ -33,7 +32,7 @@ from monai.transforms import (
 )
 
 from .common import CheckFiles, DataError, TaskDataModule
-from .medical_check import check_volumes
+from .medical_check import LoadVolumesd, check_volumes
 from .nifti_io import label_in_original_space, write_nifti_labels
 from .synthetic_volumes import CLASS_NAMES, synthetic_volumes
 
@@ -212,7 +211,7 @@ class MedicalDataModule(TaskDataModule):
     def _geometry(self, keys: list[str]) -> list[MapTransform]:
         hp = self.hparams
         modes = ["bilinear" if k == "image" else "nearest" for k in keys]
-        ops: list[MapTransform] = [LoadImaged(keys, ensure_channel_first=True, image_only=True), Orientationd(keys, axcodes="RAS", labels=None)]
+        ops: list[MapTransform] = [LoadVolumesd(keys, ensure_channel_first=True, image_only=True), Orientationd(keys, axcodes="RAS", labels=None)]
         if hp.spacing is not None:
             ops.append(Spacingd(keys, pixdim=tuple(hp.spacing), mode=modes))
         return ops

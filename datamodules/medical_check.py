@@ -14,9 +14,10 @@ from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
+from monai.transforms import LoadImaged
 
 from .common import CheckFiles, check_mode, run_check
-from .errors import listing_error
+from .errors import DataError, listing_error
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 AFFINE_TOLERANCE_MM = 1e-3
@@ -108,3 +109,16 @@ def check_volumes(
     )
     if found:
         raise listing_error("problem(s) in the data set", found, limit=30)
+
+
+class LoadVolumesd(LoadImaged):
+    """MONAI's ``LoadImaged`` whose failure names the file and the reason (MONAI's own error names only the
+    transform object), for data read after the up-front check or without it (``check_files: header``)."""
+
+    def __call__(self, data: Any, reader: Any = None) -> Any:
+        try:
+            return super().__call__(data, reader)
+        except Exception as err:  # nibabel/ITK/gzip raise several types for truncated or corrupt files
+            paths = [str(data[k]) for k in self.keys if k in data]
+            named = [p for p in paths if is_nifti(p) and voxel_problems(p)] or paths
+            raise DataError(f"{named[0]}: cannot read the volume: {type(err).__name__}: {err}") from err

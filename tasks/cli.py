@@ -94,7 +94,12 @@ def input_errors_in_one_line() -> Iterator[None]:
     Other exceptions, bugs, keep their traceback."""
     try:
         yield
-    except InputError as err:
+    except Exception as raised:
+        err = raised
+        while err is not None and not isinstance(err, InputError):  # wrapped by a library (MONAI's apply_transform)
+            err = err.__cause__ or err.__context__
+        if err is None:
+            raise
         if os.environ.get(VERBOSE_ENV, "0") not in ("", "0"):
             traceback.print_exc()
         else:

@@ -109,6 +109,10 @@ def test_bad_volume_is_named_before_training(ct_root: Path, tmp_path: Path, kind
     assert err.value.one_line().startswith(str(image))
     if kind == "nan":  # the header form reads no image voxels
         MedicalDataModule(str(root), check_files="header", cache_rate=0.0, **small).setup("fit")
+    else:  # without the voxel check the file is still named when MONAI's LoadImaged fails on it (while caching)
+        with pytest.raises(RuntimeError, match="applying transform") as err:
+            MedicalDataModule(str(root), check_files="header", **small).setup("fit")
+        assert isinstance(err.value.__cause__, DataError) and str(err.value.__cause__).startswith(f"{image}: cannot read")
 
 
 # --- checkpoints given to --ckpt_path ------------------------------------------------------------------------------
@@ -251,3 +255,17 @@ def test_an_error_raised_in_a_loader_worker_keeps_its_one_line() -> None:
     with pytest.raises(InputError) as err:
         wrapped.reraise()
     assert err.value.one_line() == "cannot read image /data/y.jpg: OSError: image file is truncated"
+
+
+def test_an_input_error_wrapped_by_a_library_is_still_one_line(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("VISION_SUITE_VERBOSE", raising=False)
+    with pytest.raises(SystemExit), input_errors_in_one_line():
+        try:
+            raise DataError("/data/ct_3.nii.gz: cannot read the volume: EOFError: truncated")
+        except DataError as err:
+            raise RuntimeError("applying transform <LoadVolumesd object at 0x7f>") from err
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "error: /data/ct_3.nii.gz: cannot read the volume: EOFError: truncated"
+    assert "Traceback" not in err
+    with pytest.raises(KeyError), input_errors_in_one_line():  # not the user's input: the traceback stays
+        raise KeyError("a bug")
