@@ -27,6 +27,7 @@ from .distillation import DistillationKind, FrozenTeacher, distillation_loss, to
 from .fewshot_callback import FewShotEvaluator  # noqa: F401  (imported so --trainer.callbacks+=FewShotEvaluator resolves)
 from .module import Stage, TaskModule
 from .optimization import drop_frozen_gradients, parameter_groups
+from .picture_makers import ClassificationPictures
 
 
 class ClassificationHead(nn.Module):
@@ -241,6 +242,8 @@ class ClassificationModule(TaskModule):
         **kwargs: backbone, data link and optimisation recipe of ``TaskModule``.
     """
 
+    main_metric = "top1"
+
     def __init__(
         self,
         *,
@@ -403,6 +406,17 @@ class ClassificationModule(TaskModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         drop_frozen_gradients(optimizer, self.current_epoch)
+
+    def picture_maker(self) -> ClassificationPictures:
+        return ClassificationPictures([self.class_name(i) for i in range(self.num_classes)])
+
+    def example_input(self) -> torch.Tensor | None:
+        from datamodules.classification import ClassificationDataModule
+
+        data = self._trainer.datamodule if self._trainer is not None else None
+        if not isinstance(data, ClassificationDataModule):
+            return None
+        return torch.zeros(1, self.backbone.in_chans, data.hparams.image_size, data.hparams.image_size)
 
     def build_metrics(self, stage: Stage) -> MetricCollection:
         metrics = {"top1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}

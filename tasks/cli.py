@@ -23,6 +23,7 @@ from .checkpointing import AtomicCheckpointIO, LastCheckpoint, check_trainer_che
 from .distributed import SyncBatchNormWhenDistributed
 from .export import TaskTrainer
 from .module import TaskModule
+from .pictures import default_loggers
 from .predict import PredictionWriter
 
 
@@ -73,6 +74,8 @@ class TaskCLI(LightningCLI):
             kwargs["sync_batchnorm"] = False
             plugins.append(SyncBatchNormWhenDistributed())
         kwargs["plugins"] = plugins
+        if trainer.get("logger") in (None, True):  # not set: TensorBoard and CSV in one run folder
+            kwargs["logger"] = default_loggers(trainer.get("default_root_dir") or os.getcwd())
         if trainer.get("strategy") == "ddp" and isinstance(self.model, TaskModule) and self.model.backbone.is_dynamic:
             # a sub-network leaves parts of the super-network unused in a step; DDP must not wait for their gradients
             kwargs["strategy"] = "ddp_find_unused_parameters_true"

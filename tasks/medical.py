@@ -32,6 +32,7 @@ from . import medical_head_weights  # noqa: F401  (registers the decoder key map
 from .cli import TaskCLI, run_cli
 from .medical_metrics import VolumeMetric, volume_metrics
 from .module import Stage, TaskModule
+from .picture_makers import MedicalPictures
 from .sliding_window import DiceCESink, LabelSink, stitch_windows
 
 NormName = Literal["instance", "batch"]
@@ -149,6 +150,8 @@ class MedicalSegmentationModule(TaskModule):
         **kwargs: backbone, data link and optimisation recipe of ``TaskModule``.
     """
 
+    main_metric = "dice"
+
     def __init__(
         self,
         *,
@@ -191,6 +194,15 @@ class MedicalSegmentationModule(TaskModule):
             spatial_dims=self.backbone.spatial_dims, feature_size=self.hparams.feature_size,
             norm_name=self.hparams.norm_name, res_block=self.hparams.res_block, conv_block=self.hparams.conv_block,
         )
+
+    def picture_maker(self) -> MedicalPictures:
+        from datamodules.label_maps import voc_palette
+
+        return MedicalPictures([self.class_name(i) for i in range(self.num_classes)], voc_palette(max(256, self.num_classes)))
+
+    def example_input(self) -> torch.Tensor:
+        """One ROI window: the sliding window runs the model on these."""
+        return torch.zeros(1, self.backbone.in_chans, *self.roi_size)
 
     def build_metrics(self, stage: Stage) -> MetricCollection:
         """Dice and HD95 per class; training logs Dice only (HD95 on every crop would cost more than the step).

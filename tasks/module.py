@@ -22,6 +22,7 @@ from backbones import Backbone, create_backbone
 from backbones.base import AuxiliaryLoss, AuxiliaryLossSource
 
 from .optimization import OptimizerName, ScheduleName, build_optimizer, build_schedule, parameter_groups
+from .pictures import PictureMaker, logging_callbacks
 from .run_state import run_state_callbacks
 
 Stage = Literal["train", "val", "test"]
@@ -66,6 +67,9 @@ class TaskModule(L.LightningModule):
 
     predict_output_dir: Path = Path("predictions")
     """Where ``predict`` writes per-input files beside ``predictions.csv`` (set by the ``PredictionWriter``)."""
+    main_metric: str = "loss"
+    """The task's headline metric (``top1``, ``miou``, ``dice``), logged as ``train/<name>`` and ``val/<name>``; drawn
+    beside the loss in the run's ``curves.png``."""
 
     def __init__(
         self,
@@ -139,8 +143,18 @@ class TaskModule(L.LightningModule):
         return self
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The run-state callbacks (``run_state.py``): per-step seeding, dynamic choices, mid-epoch resume."""
-        return run_state_callbacks()
+        """The run-state callbacks (``run_state.py``): per-step seeding, dynamic choices, mid-epoch resume; and the
+        pictures at each validation and the curves at the end of fit (``pictures.py``)."""
+        return [*run_state_callbacks(), *logging_callbacks()]
+
+    @property
+    def example_input_array(self) -> torch.Tensor | None:
+        """An example set by hand, else ``example_input()``: the model summary runs it to count the FLOPs."""
+        return self._example_input_array if self._example_input_array is not None else self.example_input()
+
+    @example_input_array.setter
+    def example_input_array(self, example: torch.Tensor | None) -> None:
+        self._example_input_array = example
 
     # --- what a task supplies -------------------------------------------------------------------------
 
@@ -171,9 +185,24 @@ class TaskModule(L.LightningModule):
         """Weight of the task loss in the training objective (below 1 where distillation takes a share)."""
         return 1.0
 
+    def picture_maker(self) -> PictureMaker | None:
+        """What the task draws at each validation for the loggers that take images (``picture_makers.py``)."""
+        return None
+
+    def example_input(self) -> torch.Tensor | None:
+        """One zero sample at the size this run feeds the model (from the data's settings), for the model summary's
+        FLOPs; ``None`` where the size is not known."""
+        return None
+
     # --- the loop, once ---------------------------------------------------------------------------------
 
     def shared_step(self, batch: dict[str, Any], stage: Stage) -> torch.Tensor | None:
+        outputs = self.step_outputs(batch, stage)
+        return None if outputs is None else outputs["loss"]
+
+    def step_outputs(self, batch: dict[str, Any], stage: Stage) -> dict[str, Any] | None:
+        """The step of every stage; returns the loss, the prepared batch and the (detached) output, which validation
+        hands to callbacks (``pictures.ValidationPictures``), or ``None`` for a skipped batch."""
         if self.skip_batch(batch, stage):
             return None
         batch = self.prepare_batch(batch, stage)
@@ -199,7 +228,7 @@ class TaskModule(L.LightningModule):
             mean_loss.update(per_sample)
         self.log(f"{stage}/loss", mean_loss, on_step=stage == "train", on_epoch=True, prog_bar=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=batch_size)
-        return loss
+        return {"loss": loss, "batch": batch, "output": output.detach()}
 
     def add_auxiliary_losses(self, loss: torch.Tensor, auxiliary: dict[str, AuxiliaryLoss], batch_size: int) -> torch.Tensor:
         """The training objective: the task loss times ``task_loss_weight`` plus each auxiliary loss times its
@@ -253,8 +282,8 @@ class TaskModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         return self.shared_step(batch, "train")
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.shared_step(batch, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        return self.step_outputs(batch, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.shared_step(batch, "test")

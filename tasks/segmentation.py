@@ -20,6 +20,7 @@ from backbones.mix_transformer import map_to_tokens, tokens_to_map
 from . import segmentation_head_weights  # noqa: F401  (registers the decoder key maps of SegFormer files)
 from .cli import TaskCLI, run_cli
 from .module import Stage, TaskModule
+from .picture_makers import SegmentationPictures
 from .sliding_window import LabelSink, stitch_windows
 
 
@@ -112,6 +113,8 @@ class SegmentationModule(TaskModule):
         **kwargs: backbone, data link and optimisation recipe of ``TaskModule``.
     """
 
+    main_metric = "miou"
+
     def __init__(
         self,
         *,
@@ -153,6 +156,23 @@ class SegmentationModule(TaskModule):
             [f.channels for f in self.backbone.feature_info], self.num_classes, embed_dim=self.hparams.decoder_dim,
             dropout=self.hparams.decoder_dropout,
         )
+
+    def picture_maker(self) -> SegmentationPictures:
+        from datamodules.label_maps import voc_palette
+        from datamodules.segmentation import SegmentationDataModule
+
+        data = self.trainer.datamodule
+        palette = data.palette if isinstance(data, SegmentationDataModule) else voc_palette(max(256, self.num_classes))
+        hp = self.hparams
+        return SegmentationPictures(self.class_names, palette, ignore_index=hp.ignore_index, align_corners=hp.align_corners)
+
+    def example_input(self) -> torch.Tensor | None:
+        from datamodules.segmentation import SegmentationDataModule
+
+        data = self._trainer.datamodule if self._trainer is not None else None
+        if not isinstance(data, SegmentationDataModule):
+            return None
+        return torch.zeros(1, self.backbone.in_chans, *data.hparams.crop_size)
 
     def build_metrics(self, stage: Stage) -> MetricCollection:
         k, ignore = self.num_classes, self.hparams.ignore_index

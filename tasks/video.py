@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .classification import ClassificationModule
 from .cli import run_cli
 from .module import Stage
+from .picture_makers import VideoPictures
 
 
 class VideoClassificationModule(ClassificationModule):
@@ -50,6 +51,18 @@ class VideoClassificationModule(ClassificationModule):
         if self.hparams.pool == "native" or not self.backbone.has_tokens:
             raise ValueError("video classification pools the tokens of a token backbone by 'cls', 'avg' or 'map'")
         return super().build_head()
+
+    def picture_maker(self) -> VideoPictures:
+        return VideoPictures([self.class_name(i) for i in range(self.num_classes)])
+
+    def example_input(self) -> torch.Tensor | None:
+        from datamodules.video import VideoDataModule
+
+        data = self._trainer.datamodule if self._trainer is not None else None
+        if not isinstance(data, VideoDataModule):
+            return None
+        hp = data.hparams
+        return torch.zeros(1, self.backbone.in_chans, hp.num_frames, hp.crop_size, hp.crop_size)
 
     def build_metrics(self, stage: Stage) -> MetricCollection:
         metrics = {
