@@ -74,7 +74,8 @@ class TaskCLI(LightningCLI):
             kwargs["sync_batchnorm"] = False
             plugins.append(SyncBatchNormWhenDistributed())
         kwargs["plugins"] = plugins
-        if trainer.get("logger") in (None, True):  # not set: TensorBoard and CSV in one run folder
+        if trainer.get("logger") in (None, True) and self.subcommand in ("fit", "validate", "test"):
+            # not set: TensorBoard and CSV in one run folder (predict and export log nothing: Lightning's default stays)
             kwargs["logger"] = default_loggers(trainer.get("default_root_dir") or os.getcwd())
         if trainer.get("strategy") == "ddp" and isinstance(self.model, TaskModule) and self.model.backbone.is_dynamic:
             # a sub-network leaves parts of the super-network unused in a step; DDP must not wait for their gradients
