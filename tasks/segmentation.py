@@ -162,7 +162,10 @@ class SegmentationModule(TaskModule):
         from datamodules.segmentation import SegmentationDataModule
 
         data = self.trainer.datamodule
-        palette = data.palette if isinstance(data, SegmentationDataModule) else voc_palette(max(256, self.num_classes))
+        if isinstance(data, SegmentationDataModule):  # the colours of the masks predict writes (class + 1 for ADE20K)
+            palette = data.palette[int(data.reduce_zero_label) :]
+        else:
+            palette = voc_palette(max(256, self.num_classes))
         hp = self.hparams
         return SegmentationPictures(self.class_names, palette, ignore_index=hp.ignore_index, align_corners=hp.align_corners)
 

@@ -104,3 +104,17 @@ def test_pictures_reach_wandb_and_mlflow_in_their_own_calls() -> None:
     log_image(mlflow, "val/slices", image, 7)
     wandb.log_image.assert_called_once_with(key="val/slices", images=[image], step=7)
     mlflow.experiment.log_image.assert_called_once_with("run-1", image, "val/slices/step_00000007.png")
+
+
+def test_the_curve_history_survives_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    """A resumed fit draws the whole run: the history is checkpoint state that ``weights_only`` loading accepts."""
+    import torch
+
+    from tasks.pictures import FinalCurves
+
+    curves = FinalCurves()
+    curves.history = {"train/loss": [(3, 1.25), (6, 1.0)], "val/top1": [(3, 0.5)]}
+    torch.save({"callbacks": {"FinalCurves": curves.state_dict()}}, tmp_path / "last.ckpt")
+    restored = FinalCurves()
+    restored.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]["FinalCurves"])
+    assert restored.history == curves.history
