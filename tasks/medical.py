@@ -228,7 +228,8 @@ class MedicalSegmentationModule(TaskModule):
         the loss summed while stitching (``compute_loss`` returns it)."""
         if stage == "train":
             return self(x)
-        labels, self._volume_loss = self.sliding_window_labels(x, self._target)
+        target, self._target = self._target, None
+        labels, self._volume_loss = self.sliding_window_labels(x, target)
         return labels
 
     def compute_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
