@@ -73,7 +73,10 @@ class Backbone(AuxiliaryLossSource):
     - pooled features of the architecture's own head: ``forward_pooled`` (``has_pooled``);
     - auxiliary losses: ``add_auxiliary_loss`` / ``pop_auxiliary_losses`` (``AuxiliaryLossSource``);
     - dynamic networks: ``set_epoch``, ``sample_subnet`` / ``set_subnet`` (``is_dynamic``), called before every
-      training step by ``tasks.run_state.DynamicChoices`` with a generator seeded from ``(seed, epoch, batch)``.
+      training step by ``tasks.run_state.DynamicChoices`` with a generator seeded from ``(seed, epoch, batch)``;
+    - training past one device's memory: ``set_activation_checkpointing`` (``supports_activation_checkpointing``),
+      called by the task for ``activation_checkpointing: true``, and ``sharding_units``, the blocks FSDP shards one
+      by one (``tasks.distributed``).
     """
 
     feature_info: list[FeatureInfo]
@@ -90,6 +93,8 @@ class Backbone(AuxiliaryLossSource):
     """Attention heads of a transformer backbone; a ``map`` pooling head takes as many, and the blocks' MLP width
     ratio ``mlp_ratio`` for its MLP (big_vision's MAPHead). ``None``: the head uses 8."""
     mlp_ratio: float = 4.0
+    activation_checkpointing: bool = False
+    """Blocks recompute their activations in the backward pass (set by ``set_activation_checkpointing``)."""
     checkpoint_prefix: str = ""
     """Prefix of this module's parameters under which checkpoint keys of the wrapped model load (``model.``
     for a timm model kept whole)."""
@@ -129,6 +134,27 @@ class Backbone(AuxiliaryLossSource):
         """Tensors this model has but the checkpoint ``state`` (our names) lacks, made from the ones it has
         (a video model's temporal attention from an image model's spatial one)."""
         return {}
+
+    # --- training past one device's memory -----------------------------------------------------------------
+
+    @property
+    def supports_activation_checkpointing(self) -> bool:
+        return type(self).set_activation_checkpointing is not Backbone.set_activation_checkpointing
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Keep only each block's input in the forward pass and recompute the block in the backward pass (memory
+        for about a third more compute); exact, dropout included. A backbone without it raises when asked: a run
+        that was meant to fit in memory must not start without it."""
+        if enabled:
+            raise TypeError(
+                f"{type(self).__name__} does not support activation checkpointing; set activation_checkpointing: false "
+                "or use a backbone that does (ViT, DeiT, TimeSformer, UNETR, MiT)"
+            )
+
+    def sharding_units(self) -> list[nn.Module]:
+        """Sub-modules FSDP shards as units of their own, each gathered only while it runs (the transformer blocks);
+        the rest forms one unit with the head. Default: none, the whole model is one unit."""
+        return []
 
     # --- dynamic networks -------------------------------------------------------------------------------
 

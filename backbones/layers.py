@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def to_tuple(value: int | Sequence[int], n: int, name: str = "value") -> tuple[int, ...]:
@@ -23,6 +25,15 @@ def to_tuple(value: int | Sequence[int], n: int, name: str = "value") -> tuple[i
     if len(value) != n:
         raise ValueError(f"{name} must have {n} entries for spatial_dims={n}, got {value}")
     return value
+
+
+def run_checkpointed(module: nn.Module, *args: Any, enabled: bool) -> Any:
+    """``module(*args)``; when ``enabled`` and gradients are on, its activations are not kept but recomputed in the
+    backward pass (activation checkpointing: non-reentrant, with the RNG state restored, so dropout and drop path
+    draw the same masks and the gradients are those of the plain call)."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False, preserve_rng_state=True)
+    return module(*args)
 
 
 class DropPath(nn.Module):

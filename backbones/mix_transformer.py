@@ -21,7 +21,7 @@ from torch import nn
 
 from .registry import build_preset, register
 from .base import Backbone, FeatureInfo
-from .layers import DropPath
+from .layers import DropPath, run_checkpointed
 
 
 def tokens_to_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -134,10 +134,11 @@ class MixStage(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+        """``checkpointed``: recompute each block in the backward pass (activation checkpointing)."""
         x, size = self.patch_embed(x)
         for block in self.blocks:
-            x = block(x, size)
+            x = run_checkpointed(block, x, size, enabled=checkpointed)
         return tokens_to_map(self.norm(x), size)
 
 
@@ -229,12 +230,18 @@ class MixTransformer(Backbone):
             return adapt_input_conv(self.in_chans, tensor)
         return None
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.activation_checkpointing = bool(enabled)
+
+    def sharding_units(self) -> list[nn.Module]:
+        return [block for stage in self.stages for block in stage.blocks]
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Maps ``[B, C_i, ceil(H / s_i), ceil(W / s_i)]`` (channels-last memory) of the ``out_indices`` stages."""
         self.check_input(x)
         outs = []
         for i, stage in enumerate(self.stages):
-            x = stage(x)
+            x = stage(x, self.activation_checkpointing)
             if i in self.out_indices:
                 outs.append(x)
         return outs

@@ -21,7 +21,7 @@ from torch import nn
 
 from .registry import build_preset, register
 from .base import Backbone, FeatureInfo
-from .layers import Block, PatchEmbed, resample_pos_embed, to_tuple
+from .layers import Block, PatchEmbed, resample_pos_embed, run_checkpointed, to_tuple
 from .video_blocks import DividedSpaceTimeBlock, VideoAttention, frames_to_clip
 
 
@@ -270,8 +270,16 @@ class VisionTransformer(Backbone):
     ) -> torch.Tensor:
         """Block ``index`` on the tokens from ``embed``; ``policy`` is an optional token-keep state
         ``[B, tokens, 1]`` (1 kept, 0 dropped; prefix tokens 1) for token pruning (DynamicViT)."""
-        block = self.blocks[index]
-        return block(x, grid[0], policy) if self.attention == "divided" else block(x, policy)
+        args = (x, grid[0], policy) if self.attention == "divided" else (x, policy)
+        return run_checkpointed(self.blocks[index], *args, enabled=self.activation_checkpointing)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block (joint or divided space-time) in the backward pass; every path runs its blocks
+        through ``run_block``, so intermediate outputs (``out_indices``) and token pruning compose with it."""
+        self.activation_checkpointing = bool(enabled)
+
+    def sharding_units(self) -> list[nn.Module]:
+        return list(self.blocks)
 
     def clip_tokens(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
         """Block outputs as one sequence per sample (folds space-only frames back into clips)."""

@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from datamodules.errors import InputError
 
 from .checkpointing import AtomicCheckpointIO, LastCheckpoint, check_trainer_checkpoint
-from .distributed import SyncBatchNormWhenDistributed
+from .distributed import FullyShardedStrategy, SyncBatchNormWhenDistributed
 from .export import TaskTrainer
 from .module import TaskModule
 from .pictures import default_loggers
@@ -43,7 +43,8 @@ class TaskCLI(LightningCLI):
     """LightningCLI with ``data.num_classes`` and ``data.class_names`` linked into the model, the optimizer owned by the module, and the
     trainer set up for long multi-process runs: ``last.ckpt`` kept up to date (``--checkpoint.*``), written
     atomically, ``--trainer.sync_batchnorm`` that only applies where several processes can share statistics, and
-    ``--trainer.strategy ddp`` that tolerates the parameters a dynamic backbone's sub-network leaves unused."""
+    ``--trainer.strategy ddp`` that tolerates the parameters a dynamic backbone's sub-network leaves unused;
+    ``--trainer.strategy fsdp`` is FSDP2 (``tasks.distributed.FullyShardedStrategy``), on GPUs and CPU processes."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -80,6 +81,8 @@ class TaskCLI(LightningCLI):
         if trainer.get("strategy") == "ddp" and isinstance(self.model, TaskModule) and self.model.backbone.is_dynamic:
             # a sub-network leaves parts of the super-network unused in a step; DDP must not wait for their gradients
             kwargs["strategy"] = "ddp_find_unused_parameters_true"
+        if trainer.get("strategy") == "fsdp":
+            kwargs["strategy"] = FullyShardedStrategy()  # FSDP2, on GPUs and CPU processes alike (tasks/distributed.py)
         return super().instantiate_trainer(**kwargs)
 
 

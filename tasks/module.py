@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from backbones import Backbone, create_backbone
 from backbones.base import AuxiliaryLoss, AuxiliaryLossSource
 
+from .distributed import shard_task_module
 from .optimization import OptimizerName, ScheduleName, build_optimizer, build_schedule, parameter_groups
 from .pictures import PictureMaker, logging_callbacks
 from .run_state import run_state_callbacks
@@ -63,6 +64,9 @@ class TaskModule(L.LightningModule):
             those of the eager model. Off by default: the first steps pay the compilation, and on a CPU it gains
             little (benchmarks/RESULTS.md).
         compile_options: keyword arguments of ``torch.compile`` (``mode``, ``backend``, ``dynamic``, ``fullgraph``).
+        activation_checkpointing: recompute each transformer block in the backward pass instead of keeping its
+            activations (``Backbone.set_activation_checkpointing``): exact, about a third more compute; a backbone
+            without it is an error.
     """
 
     predict_output_dir: Path = Path("predictions")
@@ -100,6 +104,7 @@ class TaskModule(L.LightningModule):
         freeze_backbone: bool = False,
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         # the subclass's arguments too (``build_head`` and ``build_metrics`` read them); the class names are kept in
@@ -111,6 +116,7 @@ class TaskModule(L.LightningModule):
         self.class_names: list[str] | None = list(class_names) if class_names else None
         self.backbone: Backbone = create_backbone(backbone, **(backbone_kwargs or {}))
         self.head: nn.Module = self.build_head()
+        self.backbone.set_activation_checkpointing(activation_checkpointing)
         if pretrained:
             from backbones.weights import load_pretrained
 
@@ -141,6 +147,12 @@ class TaskModule(L.LightningModule):
         if self.hparams.freeze_backbone:
             self.backbone.eval()
         return self
+
+    def configure_model(self) -> None:
+        """Under ``--trainer.strategy fsdp`` (``tasks.distributed.FullyShardedStrategy``), shard the backbone's blocks
+        and the rest of the model over the processes; other strategies leave the model as it is."""
+        if self.device_mesh is not None:
+            shard_task_module(self, self.backbone.sharding_units(), self.device_mesh["data_parallel"])
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The run-state callbacks (``run_state.py``): per-step seeding, dynamic choices, mid-epoch resume; and the
