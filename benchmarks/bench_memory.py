@@ -9,6 +9,7 @@ so a shared machine serves; a configuration is skipped when the machine has not 
 
     python -m benchmarks.bench_memory                       # ViT-L/16, 224², batch 4 per process, 2 steps
     python -m benchmarks.bench_memory --model vit_tiny_patch16 --image-size 64 --steps 1   # smoke run
+    python -m benchmarks.bench_memory --only ddp ddp+ckpt     # a subset: single, ddp, fsdp, each [+ckpt]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -116,20 +118,30 @@ def breakdown(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+def common_args(args: argparse.Namespace) -> list[str]:
+    return [f"--model={args.model}", f"--image-size={args.image_size}", f"--batch={args.batch}", f"--steps={args.steps}",
+            f"--threads={args.threads}", f"--num-classes={args.num_classes}"]
+
+
+def in_subprocess(command: list[str], args: argparse.Namespace) -> None:
+    """Run ``python -m benchmarks.bench_memory <command>`` in fresh processes, so this one stays small."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
+    full = [sys.executable, "-m", "benchmarks.bench_memory", *command, *common_args(args)]
+    subprocess.run(full, check=True, env=env, cwd=Path(__file__).parents[1])
+
+
 def run_config(args: argparse.Namespace, devices: int, strategy: str, checkpointing: bool, need: float) -> list[dict]:
+    waited = 0
+    while available_memory() < need * GIB and waited < args.wait:
+        time.sleep(10)
+        waited += 10
     if available_memory() < need * GIB:
         print(f"skipped {strategy} x{devices} ckpt={checkpointing}: {available_memory() / GIB:.1f} GiB free, "
               f"about {need:.1f} GiB needed", flush=True)
         return []
     with tempfile.TemporaryDirectory() as out:
-        command = [
-            sys.executable, "-m", "benchmarks.bench_memory", "--worker", f"--out={out}", f"--devices={devices}",
-            f"--strategy={strategy}", f"--model={args.model}", f"--image-size={args.image_size}",
-            f"--batch={args.batch}", f"--steps={args.steps}", f"--threads={args.threads}",
-            f"--num-classes={args.num_classes}", *(["--checkpointing"] if checkpointing else []),
-        ]
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
-        subprocess.run(command, check=True, env=env, cwd=Path(__file__).parents[1])
+        flags = [f"--devices={devices}", f"--strategy={strategy}", *(["--checkpointing"] if checkpointing else [])]
+        in_subprocess(["--worker", f"--out={out}", *flags], args)
         return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
 
 
@@ -142,16 +154,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="per process")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--breakdown-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="single", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--wait", type=float, default=0, help="seconds to wait for free memory before skipping")
+    parser.add_argument("--only", nargs="*", default=None, help="configurations as <strategy>[+ckpt], e.g. fsdp+ckpt")
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.breakdown_only:
+        torch.set_num_threads(args.threads)
+        return Path(args.out).write_text(json.dumps(breakdown(args)))
 
-    torch.set_num_threads(args.threads)
-    b = breakdown(args)
+    with tempfile.TemporaryDirectory() as out:
+        in_subprocess(["--breakdown-only", f"--out={out}/breakdown.json"], args)
+        b = json.loads(Path(out, "breakdown.json").read_text())
     state = b["params"] + b["grads"] + b["adamw"]
     print(f"{args.model} ({b['params_m']:.1f} M parameters), {args.image_size}², batch {args.batch} per process, "
           f"{args.steps} AdamW steps, fp32; {platform.machine()}, {os.cpu_count()} cores, "
@@ -166,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     for devices, strategy in CONFIGS:
         for checkpointing in (False, True):
+            if args.only is not None and f"{strategy}{'+ckpt' if checkpointing else ''}" not in args.only:
+                continue
             shards = devices if strategy == "fsdp" else 1
             act = b["activations_ckpt"] if checkpointing else b["activations"]
             expected = state / shards + (b["grads"] if strategy == "ddp" else 0.0) + act
