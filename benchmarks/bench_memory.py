@@ -141,7 +141,11 @@ def run_config(args: argparse.Namespace, devices: int, strategy: str, checkpoint
         return []
     with tempfile.TemporaryDirectory() as out:
         flags = [f"--devices={devices}", f"--strategy={strategy}", *(["--checkpointing"] if checkpointing else [])]
-        in_subprocess(["--worker", f"--out={out}", *flags], args)
+        try:
+            in_subprocess(["--worker", f"--out={out}", *flags], args)
+        except subprocess.CalledProcessError as error:  # the kernel's OOM killer on a shared machine
+            print(f"failed {strategy} x{devices} ckpt={checkpointing}: {error}", flush=True)
+            return []
         return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
 
 
@@ -159,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="single", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--margin", type=float, default=3.0, help="GiB left free for the rest of the machine")
     parser.add_argument("--wait", type=float, default=0, help="seconds to wait for free memory before skipping")
     parser.add_argument("--only", nargs="*", default=None, help="configurations as <strategy>[+ckpt], e.g. fsdp+ckpt")
     args = parser.parse_args(argv)
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             shards = devices if strategy == "fsdp" else 1
             act = b["activations_ckpt"] if checkpointing else b["activations"]
             expected = state / shards + (b["grads"] if strategy == "ddp" else 0.0) + act
-            ranks = run_config(args, devices, strategy, checkpointing, need=devices * (expected + 1.5))
+            ranks = run_config(args, devices, strategy, checkpointing, need=devices * (expected + 1.0) + args.margin)
             if not ranks:
                 continue
             peaks = " / ".join(f"{r['peak'] / GIB:.2f}" for r in ranks)
