@@ -38,6 +38,16 @@ class AuxiliaryLoss:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class SubnetPasses:
+    """The sub-networks one training step runs one after another on the same batch, their losses summed into one
+    optimizer step (a super-network's sandwich rule); with ``distill``, those after the first learn the first one's
+    predictions instead of the labels (in-place distillation)."""
+
+    configs: tuple[Any, ...]
+    distill: bool = False
+
+
 class AuxiliaryLossSource(nn.Module):
     """A module (backbone or head) whose forward pass can leave losses for the task's shared step.
 
@@ -74,6 +84,7 @@ class Backbone(AuxiliaryLossSource):
     - auxiliary losses: ``add_auxiliary_loss`` / ``pop_auxiliary_losses`` (``AuxiliaryLossSource``);
     - dynamic networks: ``set_epoch``, ``sample_subnet`` / ``set_subnet`` (``is_dynamic``), called before every
       training step by ``tasks.run_state.DynamicChoices`` with a generator seeded from ``(seed, epoch, batch)``;
+      ``training_passes`` when a step runs several sub-networks (the sandwich rule, ``SubnetPasses``);
     - training past one device's memory: ``set_activation_checkpointing`` (``supports_activation_checkpointing``),
       called by the task for ``activation_checkpointing: true``, and ``sharding_units``, the blocks FSDP shards one
       by one (``tasks.distributed``).
@@ -175,6 +186,10 @@ class Backbone(AuxiliaryLossSource):
         """Make ``config`` (from ``sample_subnet``, or ``None`` for the full network) the active sub-network."""
         if config is not None:
             raise TypeError(f"{type(self).__name__} is a fixed network; it has no sub-network {config!r}")
+
+    def training_passes(self) -> SubnetPasses | None:
+        """The sub-networks the current training step runs in turn (set by ``set_subnet``); ``None``: one pass."""
+        return None
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming the expected layout when ``x`` does not fit this backbone."""

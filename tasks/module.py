@@ -292,6 +292,11 @@ class TaskModule(L.LightningModule):
         return batch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        passes = self.backbone.training_passes()
+        if passes is not None:  # a super-network's sandwich of sub-networks
+            from .sandwich import sandwich_step
+
+            return sandwich_step(self, batch, passes)
         return self.shared_step(batch, "train")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:

@@ -1,4 +1,5 @@
-"""Evolutionary search over a trained ViT-ResNAS super-network (Liao et al., 2021).
+"""Network search over a trained super-network: evolution for ViT-ResNAS (Liao et al., 2021, below) or, with
+``strategy: mes_pruning``, EfficientFormerV2's fine-grained joint search (``search_mes``).
 
 ``python -m tasks.search --config configs/search/vit_resnas_tiny.yaml --ckpt_path runs/.../last.ckpt``
 
@@ -22,7 +23,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -34,18 +35,21 @@ from tasks.classification import ClassificationHead, ClassificationModule, Class
 from .search_data import check_holdout_unseen, holdout_batches
 from .search_evolution import Evolution, EvolutionSettings, Genes
 from .search_latency import LatencyTable
+from .search_mes import MobileEfficiency, PruningSettings, mes_search
 
 
 
 @dataclass
 class Budget:
-    """MACs budget ``macs`` (candidates within ``[(1 - macs_tolerance) * macs, macs]``), optional parameter and
-    latency budgets (milliseconds per batch of ``latency.batch_size`` on this machine)."""
+    """MACs budget ``macs`` (candidates within ``[(1 - macs_tolerance) * macs, macs]``; the evolution needs it),
+    optional parameter and latency budgets (milliseconds per batch of ``latency.batch_size`` on this machine), and
+    for ``mes_pruning`` a Mobile Efficiency Score ``mes`` to reach (``search_mes``)."""
 
-    macs: float
+    macs: float | None = None
     macs_tolerance: float = 0.025
     params: float | None = None
     latency_ms: float | None = None
+    mes: float | None = None
 
 
 @dataclass
@@ -78,18 +82,20 @@ class Record:
     top1: float = field(default=float("nan"))
 
 
-def load_supernet(ckpt_path: str, expected: str) -> ClassificationModule:
-    """The checkpoint's classification module; refused unless its backbone is the super-network ``expected``."""
+def load_supernet(ckpt_path: str, expected: str, kind: type = ViTResNASSupernet,
+                  pools: tuple[str, ...] = ("cls", "avg")) -> ClassificationModule:
+    """The checkpoint's classification module; refused unless its backbone is the super-network ``expected``, a
+    ``kind``, under a head of one of ``pools`` without distillation classifier (its classifier is sliced)."""
     hparams = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
     name = hparams.get("backbone")
     if name != expected:
         raise ValueError(f"checkpoint {ckpt_path} holds backbone {name!r}, but this search is over the super-network "
                          f"{expected!r}: search it with a config for {name!r}, or give a {expected!r} checkpoint")
     module = ClassificationModule.load_from_checkpoint(ckpt_path, map_location="cpu")
-    if not isinstance(module.backbone, ViTResNASSupernet):
-        raise ValueError(f"checkpoint {ckpt_path}: backbone {name!r} is not a ViT-ResNAS super-network")
-    if module.head.pool not in ("cls", "avg") or module.head.fc_dist is not None:
-        raise ValueError(f"a sub-network's classifier is sliced from the super-network's: pool 'cls' or 'avg' "
+    if not isinstance(module.backbone, kind):
+        raise ValueError(f"checkpoint {ckpt_path}: backbone {name!r} is not a {kind.__name__}")
+    if module.head.pool not in pools or module.head.fc_dist is not None:
+        raise ValueError(f"a sub-network's classifier is sliced from the super-network's: pool {' or '.join(pools)} "
                          f"without distillation head, got pool {module.head.pool!r}")
     return module.eval()
 
@@ -270,6 +276,9 @@ def search(
     data: HoldoutSettings = HoldoutSettings(),
     latency: LatencySettings = LatencySettings(),
     output_dir: str = "search",
+    strategy: Literal["evolution", "mes_pruning"] = "evolution",
+    mes: MobileEfficiency = MobileEfficiency(),
+    pruning: PruningSettings = PruningSettings(),
 ) -> Path:
     """Run (or resume) the search; returns the path of ``found.yaml``.
 
@@ -278,7 +287,14 @@ def search(
         supernet: the super-network preset the checkpoint must hold (``vit_resnas_supernet_tiny``).
         budget, evolution, data, latency: see their classes.
         output_dir: where state, table, CSV, plot and the found network go.
+        strategy: ``evolution`` (ViT-ResNAS) or ``mes_pruning`` (EfficientFormerV2's fine-grained joint search,
+            ``search_mes``, with ``mes`` and ``pruning``).
     """
+    if strategy == "mes_pruning":
+        return mes_search(ckpt_path=ckpt_path, supernet=supernet, budget=budget, mes=mes, pruning=pruning, data=data,
+                          latency=latency, output_dir=output_dir)
+    if budget.macs is None:
+        raise ValueError("the evolution strategy needs a MACs budget: budget.macs")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     module = load_supernet(ckpt_path, supernet)

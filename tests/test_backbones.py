@@ -27,6 +27,9 @@ def tiny_case(name: str) -> tuple[dict, tuple[int, ...]]:
         return {"depths": (1, 1, 1, 1)}, (2, 3, 64, 64)
     if name.startswith("timesformer_"):
         return {"img_size": 32, "num_frames": 4, "depth": 2}, (2, 3, 4, 32, 32)
+    if name.startswith("efficientformerv2_supernet_"):  # a narrow space of the same structure
+        return {"embed_dims": (32, 32, 48, 64), "min_embed_dims": (16, 16, 32, 48), "depths": (2, 2, 2, 2),
+                "attention_blocks": 1}, (2, 3, 64, 64)
     if name.startswith("efficientformerv2_"):  # the published networks; sides multiples of 32
         return {}, (2, 3, 64, 64)
     if name.startswith("unetr_"):
