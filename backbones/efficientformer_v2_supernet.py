@@ -9,7 +9,9 @@ attention blocks stay the last ones, so the extracted network is a plain ``Effic
 ``attention_blocks``). The attention's own widths (heads, key and value dimensions) are fixed, as in the paper.
 
 Masks zero the outputs of every convolution past the active channels (a BatchNorm normalises each channel on its
-own, so the active ones are exactly what sliced weights give); a dropped block is not run. Training follows the
+own, so the active ones are exactly what sliced weights give); a dropped block is not run. Only the largest network
+moves the BatchNorm running statistics (those of narrower networks would mix widths): its validation stays sound,
+and the search re-estimates each candidate's statistics (``pruning.calibration_batches``). Training follows the
 sandwich rule: ``sample_subnet`` returns ``SubnetPasses`` of the largest, the smallest and ``num_random`` random
 sub-networks, which the task's training step runs one after another on the same batch, summing their losses into
 one optimizer step, the largest's predictions teaching the others (in-place distillation) when
@@ -170,6 +172,8 @@ class EfficientFormerV2Supernet(EfficientFormerV2):
         self.active: SubnetConfig | None = None
         self.passes: SubnetPasses | None = None
         self._widths: dict[nn.Module, int] = {}
+        self._norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.bn_momentum = 0.1
         for module in self.modules():
             if isinstance(module, (ConvNorm, LocalGlobalQuery)):
                 (module if isinstance(module, ConvNorm) else module.local).register_forward_hook(self._mask_output)
@@ -187,6 +191,9 @@ class EfficientFormerV2Supernet(EfficientFormerV2):
             config = config.configs[0]
         self.active = None if config is None else self.space.check(config)
         self._widths = {} if self.active is None else self._module_widths(self.active)
+        largest = self.active is None or self.active == self.space.extreme(largest=True)
+        for norm in self._norms:  # only the largest network moves the running statistics
+            norm.momentum = self.bn_momentum if largest else 0.0
 
     def training_passes(self) -> SubnetPasses | None:
         return self.passes

@@ -106,8 +106,14 @@ def test_sandwich_step_sums_four_networks_into_shared_gradients_with_determinist
     assert torch.allclose(loss.detach(), expected, atol=1e-5)
     shared = net.stem.conv1.conv.weight.grad  # every network uses the first 8 stem channels
     assert shared is not None and shared[:8].abs().sum() > 0
+    stats = net.norm.running_mean.clone()  # only the largest network moves the BatchNorm statistics
+    net.set_subnet(passes.configs[1])
+    module(batch["input"])
+    assert torch.equal(net.norm.running_mean, stats)
     net.set_subnet(None)
     assert net.training_passes() is None
+    module(batch["input"])
+    assert not torch.equal(net.norm.running_mean, stats)
 
 
 @pytest.fixture(scope="module")
