@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -57,6 +58,30 @@ class FullyShardedStrategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes  # pure data parallelism: one mesh axis
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """As the parent, with ``torch.dtype`` values of the parameter groups (big_vision Adafactor's
+        ``momentum_dtype``) written as their names: torch's state-dict gathering takes no other objects."""
+        groups = getattr(optimizer, "optimizer", optimizer).param_groups
+        dtypes = [{k: v for k, v in group.items() if isinstance(v, torch.dtype)} for group in groups]
+        for group, found in zip(groups, dtypes):
+            group.update({k: str(v) for k, v in found.items()})
+        try:
+            state = super().optimizer_state(optimizer)
+        finally:
+            for group, found in zip(groups, dtypes):
+                group.update(found)
+        for group in state.get("param_groups", []):  # the file holds what one process would write
+            restore_dtypes(group)
+        return state
+
+
+def restore_dtypes(group: dict[str, Any]) -> None:
+    """Turn ``"torch.bfloat16"``-style values of an optimizer parameter group back into ``torch.dtype`` objects, in
+    place (what ``FullyShardedStrategy.optimizer_state`` gathered them as)."""
+    for key, value in group.items():
+        if isinstance(value, str) and value.startswith("torch.") and isinstance(getattr(torch, value[6:], None), torch.dtype):
+            group[key] = getattr(torch, value[6:])
 
 
 def shard_task_module(module: nn.Module, units: list[nn.Module], mesh: Any) -> None:

@@ -28,9 +28,11 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cli_args(root: Path, out: Path) -> list[str]:
-    """A constant learning rate: a run of one epoch and its resumption to two follow the two-epoch run's schedule."""
+    """big_vision's Adafactor (factored, momentum in bf16: its state must survive sharding and gathering); a constant
+    learning rate, so a run of one epoch and its resumption to two follow the two-epoch run's schedule."""
     return [
-        "--seed_everything=3", "--model.backbone=vit_tiny_patch16", TINY, "--model.schedule=constant", f"--data.root={root}",
+        "--seed_everything=3", "--model.backbone=vit_tiny_patch16", TINY, "--model.schedule=constant",
+        "--model.optimizer=adafactor_bv", f"--data.root={root}",
         "--data.image_size=32", "--data.num_workers=0", "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={out}",
@@ -79,9 +81,14 @@ def test_fsdp_checkpoint_is_one_full_file_that_one_process_loads(fsdp_fit: Path,
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     weight = checkpoint["state_dict"]["backbone.blocks.1.mlp.fc1.weight"]
     assert type(weight) is torch.Tensor and weight.shape == (192, 48)  # whole, not a shard or a DTensor
-    assert len(checkpoint["optimizer_states"][0]["state"]) == len(list(ClassificationModule(
+    optimizer = checkpoint["optimizer_states"][0]
+    assert len(optimizer["state"]) == len(list(ClassificationModule(
         backbone="vit_tiny_patch16", backbone_kwargs={"img_size": 32, "depth": 2, "embed_dim": 48, "num_heads": 2},
-        num_classes=3).parameters()))  # AdamW state of every parameter, gathered
+        num_classes=3).parameters()))  # every parameter's state, gathered
+    fc1 = [s for s in optimizer["state"].values() if s["exp_avg"].shape == (192, 48)]
+    assert len(fc1) == 2 and all("exp_avg_sq" not in s for s in fc1)  # factored, not full
+    assert all(s["exp_avg_sq_r"].shape == (1, 48) and s["exp_avg_sq_c"].shape == (192, 1) for s in fc1)
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in fc1) and optimizer["param_groups"][0]["momentum_dtype"] == torch.bfloat16
     main(["validate", *cli_args(shapes, tmp_path), "--data.batch_size=4", f"--ckpt_path={path}"])
     first_epoch_val = series(all_metrics(fsdp_fit), "val/loss")[0]
     assert series(all_metrics(tmp_path), "val/loss")[-1] == pytest.approx(first_epoch_val, rel=1e-6)
