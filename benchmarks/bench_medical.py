@@ -3,9 +3,10 @@
     flock /tmp/vs-bench.lock python -m benchmarks.bench_medical --results benchmarks/RESULTS.md
 
 1. Training step (forward + DiceCE + backward + AdamW) and inference of UNETR-Base, 14 classes, one 96³ crop,
-   ours and ``monai.networks.nets.UNETR`` with the same weights, timed interleaved in one process
-   (``benchmarks/harness.py``). Wall-clock medians; the same comparison is also timed in process CPU time,
-   which a machine shared with other jobs distorts less.
+   ours (channels-last decoder, the default, and NCDHW) and ``monai.networks.nets.UNETR`` with the same weights,
+   timed interleaved in one process (``benchmarks/harness.py``). Wall-clock medians; the same comparison is also
+   timed in CPU time, which a machine shared with other jobs distorts less (``--threads 1``: the thread's own CPU
+   time, the figure to take on a loaded machine; ``--skip-memory --size 64`` for a quick check).
 2. Peak resident memory of ``MedicalSegmentationModule.sliding_window`` over a 512x512x200 volume with the
    logits stitched in CPU memory, measured in a fresh process (``ru_maxrss``). A full UNETR-Base would need
    hundreds of 96³ windows of ~150 GFLOP each, too slow for this CPU; the decoder width and the 14-class
@@ -28,63 +29,81 @@ from monai.networks.nets import UNETR
 from backbones.unetr import convert_monai_unetr
 from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
 from tasks.medical import MedicalSegmentationModule
+from tasks.medical_head_weights import monai_unetr_head
 
 SW_MODEL = dict(img_size=96, embed_dim=192, depth=4, num_heads=3, out_indices=[0, 1, 2, 3])
 
 
-def unetr_pair(in_chans: int = 1, num_classes: int = 14, size: int = 96) -> tuple[MedicalSegmentationModule, UNETR]:
+def unetr_pair(
+    in_chans: int = 1, num_classes: int = 14, size: int = 96, channels_last: bool = True
+) -> tuple[MedicalSegmentationModule, UNETR]:
     """Ours and MONAI's UNETR-Base with identical weights (ours loaded from MONAI's state dict)."""
     torch.manual_seed(0)
     reference = UNETR(
         in_channels=in_chans, out_channels=num_classes, img_size=size, feature_size=16, hidden_size=768,
         mlp_dim=3072, num_heads=12, proj_type="perceptron", norm_name="instance", res_block=True,
     )
-    ours = MedicalSegmentationModule(backbone="unetr_vit_base", num_classes=num_classes, backbone_kwargs={"img_size": size})
-    result = ours.load_state_dict(convert_monai_unetr(reference.state_dict()), strict=False)
+    ours = MedicalSegmentationModule(
+        backbone="unetr_vit_base", num_classes=num_classes, backbone_kwargs={"img_size": size}, channels_last=channels_last
+    )
+    state = convert_monai_unetr(reference.state_dict())
+    foreign = {k.removeprefix("foreign."): state.pop(k) for k in [k for k in state if k.startswith("foreign.")]}
+    state.update({f"head.{k}": v for k, v in monai_unetr_head(foreign).items()})
+    result = ours.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(f"MONAI weights do not cover our model: {result}")
     return ours, reference
 
 
-def cpu_time_ratio(ours: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> str:
-    """Median process CPU seconds per training step and per inference, interleaved: a check on the wall-clock
-    table when other jobs share the cores (CPU time counts the work done, not the waiting)."""
+def cpu_time_ratio(entries: dict[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor, steps: int) -> str:
+    """Median CPU seconds per training step and per inference, interleaved: a check on the wall-clock table
+    when other jobs share the cores (CPU time counts the work done, not the waiting). On one thread the
+    calling thread's CPU time (``time.thread_time``), else the process's (which counts spinning worker threads)."""
     loss = DiceCELoss(to_onehot_y=True, softmax=True)
-    entries = {"ours": ours, "monai": reference}
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.process_time
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in entries.items()}
     cpu: dict[str, dict[str, list[float]]] = {k: {"train": [], "infer": []} for k in entries}
     for step in range(steps + 1):
         for name, model in entries.items():
             model.train()
-            t = time.process_time()
+            t = clock()
             loss(model(x), y).backward()
             opts[name].step()
             opts[name].zero_grad(set_to_none=True)
-            train_s = time.process_time() - t
+            train_s = clock() - t
             model.eval()
-            t = time.process_time()
+            t = clock()
             with torch.inference_mode():
                 model(x)
             if step:
                 cpu[name]["train"].append(train_s)
-                cpu[name]["infer"].append(time.process_time() - t)
+                cpu[name]["infer"].append(clock() - t)
     med = {k: {s: statistics.median(v) for s, v in d.items()} for k, d in cpu.items()}
+    monai = med["monai"]
+    parts = [
+        f"{name} {m['train']:.2f} / {m['infer']:.2f} s ({monai['train'] / m['train']:.2f}x / {monai['infer'] / m['infer']:.2f}x)"
+        for name, m in med.items() if name != "monai"
+    ]
+    kind = "thread" if clock is time.thread_time else "process"
     return (
-        f"CPU time per sample ({torch.get_num_threads()} thread(s), median of {steps}): train ours "
-        f"{med['ours']['train']:.2f} s, MONAI {med['monai']['train']:.2f} s ({med['monai']['train'] / med['ours']['train']:.2f}x); "
-        f"inference ours {med['ours']['infer']:.2f} s, MONAI {med['monai']['infer']:.2f} s "
-        f"({med['monai']['infer'] / med['ours']['infer']:.2f}x)."
+        f"{kind.capitalize()} CPU time per sample, training / inference ({torch.get_num_threads()} thread(s), median of "
+        f"{steps} interleaved steps), and MONAI's over it: " + "; ".join(parts)
+        + f"; MONAI {monai['train']:.2f} / {monai['infer']:.2f} s."
     )
 
 
-def speed(steps: int, warmup: int) -> str:
-    ours, reference = unetr_pair()
-    x, y = torch.randn(1, 1, 96, 96, 96), torch.randint(0, 14, (1, 1, 96, 96, 96))
+def speed(steps: int, warmup: int, size: int = 96) -> str:
+    ours, reference = unetr_pair(size=size)
+    ncdhw, _ = unetr_pair(size=size, channels_last=False)
+    x, y = torch.randn(1, 1, size, size, size), torch.randint(0, 14, (1, 1, size, size, size))
     loss = DiceCELoss(to_onehot_y=True, softmax=True)
-    entries = [Entry("ours", ours, ours), Entry("monai", reference, reference)]
-    title = "UNETR-Base (14 classes, feature size 16) vs `monai.networks.nets.UNETR` (perceptron patches), 96³, batch 1"
+    entries = [Entry("ours", ours, ours), Entry("ours NCDHW", ncdhw, ncdhw), Entry("monai", reference, reference)]
+    title = (
+        f"UNETR-Base (14 classes, feature size 16) vs `monai.networks.nets.UNETR` (perceptron patches), {size}³, batch 1; "
+        "ours: channels-last decoder (default), ours NCDHW: `channels_last=False`"
+    )
     table = compare(entries, x, y, loss, steps=steps, warmup=warmup, title=title)
-    return table + "\n\n" + cpu_time_ratio(ours, reference, x, y, steps)
+    return table + "\n\n" + cpu_time_ratio({"ours": ours, "ours NCDHW": ncdhw, "monai": reference}, x, y, steps)
 
 
 def sw_memory_child(shape: tuple[int, int, int], overlap: float, sw_batch_size: int) -> dict[str, float]:
@@ -130,12 +149,13 @@ def main() -> None:
     parser.add_argument("--sw-shape", type=int, nargs=3, default=[512, 512, 200])
     parser.add_argument("--sw-overlap", type=float, default=0.25)
     parser.add_argument("--sw-batch-size", type=int, default=4)
+    parser.add_argument("--size", type=int, default=96, help="ROI side of the speed comparison")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     args = parse_bench_args(parser)
     parts = ["`python -m benchmarks.bench_medical`"]
     if not args.skip_speed:
-        parts.append(speed(args.steps, args.warmup))
+        parts.append(speed(args.steps, args.warmup, args.size))
     if not args.skip_memory:
         parts.append(sw_memory(tuple(args.sw_shape), args.sw_overlap, args.sw_batch_size))
     body = "\n\n".join(parts)

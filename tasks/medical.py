@@ -25,11 +25,13 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from backbones.base import FeatureInfo
+from backbones.norms3d import is_tracing
 from backbones.vit import VisionTransformer
 from datamodules.io import atomic_write
 
 from . import medical_head_weights  # noqa: F401  (registers the decoder key map of MONAI UNETR files)
 from .cli import TaskCLI, run_cli
+from .medical_blocks import fuse_decoder_blocks
 from .medical_metrics import VolumeMetric, volume_metrics
 from .module import Stage, TaskModule
 from .picture_makers import MedicalPictures
@@ -144,9 +146,10 @@ class MedicalSegmentationModule(TaskModule):
             outputs; this stitches the full ``[num_classes, D, H, W]`` logits (MONAI's way), where the default
             turns each finished region into labels and keeps only the ``uint8`` label volume (same labels).
         hd_percentile: percentile of the Hausdorff distance (95: HD95).
-        channels_last: run the decoder in channels-last memory layout: about 10 % faster on a CPU, but PyTorch's
-            CPU GroupNorm kernel for channels-last tensors is less exact (logits within ~5e-4 of float64 instead
-            of ~5e-6 for UNETR-Base at 96³), hence off by default.
+        channels_last: run the decoder in channels-last memory layout, where oneDNN's 3-D convolutions are
+            1.6-4x faster on a CPU, with each instance norm and its LeakyReLU as one exact channels-last op and
+            1x1x1 convolutions as matrix products (``tasks/medical_blocks.py``); same parameters and outputs
+            (within float rounding of the NCDHW form). ``False``: MONAI's blocks in NCDHW.
         **kwargs: backbone, data link and optimisation recipe of ``TaskModule``.
     """
 
@@ -170,7 +173,7 @@ class MedicalSegmentationModule(TaskModule):
         sw_stitch_on_cpu: bool = False,
         output_probabilities: bool = False,
         hd_percentile: float = 95.0,
-        channels_last: bool = False,
+        channels_last: bool = True,
         **kwargs: Any,
     ) -> None:
         if in_channels is not None:
@@ -184,6 +187,8 @@ class MedicalSegmentationModule(TaskModule):
         self.roi_size = tuple(int(s) for s in (sw_roi_size or self.backbone.img_size))
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.head.to(memory_format=self.memory_format)
+        if channels_last:
+            fuse_decoder_blocks(self.head)
         self._spacing: torch.Tensor | None = None
         self._target: torch.Tensor | None = None  # the evaluated volumes' labels, for the loss streamed while stitching
         self._volume_loss: torch.Tensor | None = None
@@ -213,6 +218,8 @@ class MedicalSegmentationModule(TaskModule):
         return volume_metrics(self.num_classes, percentile=hp.hd_percentile, class_names=self.class_names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_tracing():  # exporters (TorchScript's ONNX) take no memory formats; the layout does not change results
+            return self.head(self.backbone(x), x)
         features = [f.contiguous(memory_format=self.memory_format) for f in self.backbone(x)]
         return self.head(features, x.contiguous(memory_format=self.memory_format)).contiguous()
 

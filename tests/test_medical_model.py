@@ -138,3 +138,56 @@ def test_image_vit_checkpoint_initialises_the_3d_encoder_by_inflation(tmp_path):
     torch.testing.assert_close(module.backbone.blocks[5].attn.qkv.weight, image_vit.blocks[5].attn.qkv.weight)
     out = module(torch.randn(1, 1, 32, 32, 32))
     assert out.shape == (1, 3, 32, 32, 32) and torch.isfinite(out).all()
+
+
+def test_channels_last_instance_norm_is_exact_on_a_full_resolution_map():
+    from backbones.norms3d import instance_norm_act
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 32, 96, 96, 96) * 3 + 5  # UNETR's widest full-resolution map, off-centre
+    reference = torch.nn.InstanceNorm3d(32, affine=True)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5), reference.bias.uniform_(-1, 1)
+        expected = reference(x)  # contiguous: PyTorch's exact kernel
+        out = instance_norm_act(x.contiguous(memory_format=torch.channels_last_3d), reference.weight, reference.bias)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert (out - expected).abs().max().item() <= 1e-5
+    # PyTorch's own channels-last kernel (GroupNorm, one group per channel) is what this replaces
+    with torch.no_grad():
+        group = torch.nn.functional.group_norm(x.contiguous(memory_format=torch.channels_last_3d), 32,
+                                               reference.weight, reference.bias)
+    assert (group - expected).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_instance_norm_act_gradients_match_autograd_in_float64(channels_last):
+    from backbones.norms3d import instance_norm_act
+
+    x = (torch.randn(2, 6, 5, 7, 4, dtype=torch.float64) * 2 + 3).requires_grad_()
+    weight, bias = torch.randn(6, dtype=torch.float64).requires_grad_(), torch.randn(6, dtype=torch.float64).requires_grad_()
+    grad = torch.randn(2, 6, 5, 7, 4, dtype=torch.float64)
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    for slope in (0.01, 1.0):
+        ours = instance_norm_act(x.contiguous(memory_format=layout), weight, bias, 1e-5, slope)
+        expected = torch.nn.functional.leaky_relu(torch.nn.functional.instance_norm(x, weight=weight, bias=bias), slope)
+        torch.testing.assert_close(ours, expected)
+        torch.testing.assert_close(torch.autograd.grad(ours, (x, weight, bias), grad),
+                                   torch.autograd.grad(expected, (x, weight, bias), grad))
+
+
+def test_channels_last_decoder_keeps_names_outputs_and_gradients():
+    from tasks.medical_blocks import FusedOutBlock, FusedResBlock
+
+    torch.manual_seed(0)
+    plain, fused = tiny_module(channels_last=False), tiny_module(channels_last=True)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    fused.load_state_dict(plain.state_dict())
+    assert isinstance(fused.head.up_blocks[0].conv_block, FusedResBlock) and isinstance(fused.head.out, FusedOutBlock)
+    x = torch.randn(2, 1, 32, 32, 32)
+    out_plain, out_fused = plain(x), fused(x)
+    torch.testing.assert_close(out_fused, out_plain, atol=1e-5, rtol=1e-4)
+    out_plain.square().mean().backward()
+    out_fused.square().mean().backward()
+    grads = dict(plain.named_parameters())
+    for name, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-3, msg=name)

@@ -1,0 +1,173 @@
+"""Instance normalisation that is exact in the channels-last layout, with its LeakyReLU fused.
+
+PyTorch's CPU kernels for a channels-last 3-D map either copy it to the contiguous layout and back
+(``InstanceNorm3d``) or accumulate its statistics carelessly (``GroupNorm`` with one group per channel: outputs
+about 100x further from float64 than the contiguous kernel's, ~2e-3 on a 32x96³ map). Here the statistics are
+reduced over the spatial positions of a ``[B, N, C]`` view of the map, which is the map itself in channels-last
+memory (no copy), with PyTorch's cascade-summed mean and variance reductions (within ~1e-6 of float64); the
+affine transform and the activation then run as one multiply-add and one in-place activation.
+
+The backward is written out (``InstanceNormActFunction``) so that autograd keeps only the input and the output
+(which the next convolution keeps anyway) and runs five passes over the map instead of the norm's, the
+activation's and the affine's separate backward kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+def _spatial_last(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, *spatial]`` as ``[B, N, C]``: a view, contiguous when ``x`` is channels-last."""
+    return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
+
+
+def _channels_first(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``_spatial_last`` for a ``[B, N, C]`` tensor shaped after ``like``."""
+    return v.view(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
+
+
+def _column_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(0)`` for ``[N, C]`` matrices, as the diagonal of ``a.T @ b``: one read of each, no ``[N, C]``
+    temporary, 4x faster on a 96³ map than the elementwise form; the GEMM's blocked sums of the centred
+    squares are within ~1e-6 (relative) of float64."""
+    if a.shape[1] > 128:  # wide maps are small (6³, 12³): the C x C product would cost more than it saves
+        return torch.linalg.vecdot(a, b, dim=0)
+    return torch.mm(a.T, b).diagonal()
+
+
+def _centre(xv: torch.Tensor, out: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write ``xv - mean`` into ``out`` (both ``[B, N, C]``) and return the per-sample, per-channel mean and
+    1/std over ``N`` (biased variance, as InstanceNorm).
+
+    Each sample's ``[N, C]`` matrix is reduced over its rows, which PyTorch's cascade-summed column reductions
+    do fast and exactly, in two passes (mean, then the squares of the centred values: no cancellation);
+    ``torch.var`` over the same rows is as exact but runs a Welford kernel 2-10x slower.
+    """
+    means, variances = [], []
+    for x_i, out_i in zip(xv, out):
+        mean = x_i.sum(0) / x_i.shape[0]
+        centred = torch.sub(x_i, mean, out=out_i)
+        means.append(mean)
+        variances.append(_column_dots(centred, centred) / x_i.shape[0])
+    return torch.stack(means).unsqueeze(1), torch.rsqrt(torch.stack(variances).unsqueeze(1) + eps)
+
+
+class InstanceNormActFunction(torch.autograd.Function):
+    """``leaky_relu(instance_norm(x) * weight + bias, slope)`` with a hand-written backward; ``slope=1`` is no
+    activation."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                slope: float) -> torch.Tensor:
+        xv = _spatial_last(x)
+        out = torch.empty_like(x)  # x's layout; returned whole (not a view), so callers may add to it in place
+        centred = _spatial_last(out)
+        mean, rstd = _centre(xv, centred, eps)
+        scale = rstd if weight is None else rstd * weight.view(1, 1, -1)
+        if bias is None:
+            centred.mul_(scale)
+        else:
+            torch.addcmul(bias.view(1, 1, -1), centred, scale, out=centred)
+        if slope != 1.0:
+            torch.nn.functional.leaky_relu_(out, slope)
+        # the output is kept only for the activation's backward: without one, the caller may modify it in place
+        ctx.save_for_backward(x, out if slope != 1.0 else None, weight, mean, rstd)
+        ctx.slope, ctx.has_bias = slope, bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, out, weight, mean, rstd = ctx.saved_tensors
+        xv, gv = _spatial_last(x), _spatial_last(grad)
+        if xv.is_contiguous() and not gv.is_contiguous():  # a gradient in another layout than the map
+            gv = gv.contiguous()
+        # z = weight * x_hat + bias; gz = d loss / d z
+        gz = gv if ctx.slope == 1.0 else torch.ops.aten.leaky_relu_backward(gv, _spatial_last(out), ctx.slope, True)
+        n = xv.shape[1]
+        sum_gz = torch.stack([g.sum(0) for g in gz]).unsqueeze(1)
+        sum_gz_x = torch.stack([_column_dots(g, v) for g, v in zip(gz, xv)]).unsqueeze(1)
+        sum_gz_xhat = (sum_gz_x - mean * sum_gz) * rstd
+        gamma = rstd if weight is None else rstd * weight.view(1, 1, -1)
+        # d x = gamma * rstd * (gz - mean(gz) - x_hat * mean(gz * x_hat)), x_hat = (x - mean) * rstd
+        a = gamma * rstd * sum_gz_xhat / n
+        shift = a * mean - gamma * sum_gz / n
+        if gz is gv:  # no activation: the incoming gradient is not ours to overwrite
+            gx = torch.addcmul(shift, xv, a, value=-1).addcmul_(gz, gamma)
+        else:  # in place in the activation's gradient: no second map-sized buffer
+            gx = gz.mul_(gamma).addcmul_(xv, a, value=-1).add_(shift)
+        gw = sum_gz_xhat.sum(0).view(-1) if weight is not None and ctx.needs_input_grad[1] else None
+        gb = sum_gz.sum(0).view(-1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return _channels_first(gx, x), gw, gb, None, None
+
+
+def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                      eps: float = 1e-5, negative_slope: float = 1.0) -> torch.Tensor:
+    """Instance normalisation of ``x`` ``[B, C, *spatial]`` (any memory layout, fastest channels-last), then the
+    per-channel affine and ``leaky_relu(., negative_slope)`` (``1.0``: none). Output in ``x``'s layout."""
+    return InstanceNormActFunction.apply(x, weight, bias, eps, negative_slope)
+
+
+def is_tracing() -> bool:
+    """Whether a compiler or exporter (dynamo, TorchScript tracing for ONNX) is tracing the model."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+def instance_norm_act_reference(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                                eps: float = 1e-5, negative_slope: float = 1.0) -> torch.Tensor:
+    """``instance_norm_act`` in plain differentiable ops (the form ``torch.compile`` fuses, and float64 checks)."""
+    dims = tuple(range(2, x.ndim))
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    shape = (1, -1) + (1,) * len(dims)
+    scale = torch.rsqrt(var + eps) * (1 if weight is None else weight.view(shape))
+    y = (x - mean) * scale + (0 if bias is None else bias.view(shape))
+    return y if negative_slope == 1.0 else torch.nn.functional.leaky_relu(y, negative_slope)
+
+
+class InstanceNormAct(nn.Module):
+    """``nn.InstanceNorm3d(affine=True)`` (or 2-D, 1-D) followed by ``LeakyReLU``, as one exact channels-last op.
+
+    Parameter names are the norm's (``weight``, ``bias``), so a state dict of the norm loads unchanged.
+
+    Args:
+        num_features: channels.
+        eps: added to the variance.
+        affine: learn a per-channel scale and shift.
+        negative_slope: the LeakyReLU's slope; ``1.0`` for the norm alone.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, negative_slope: float = 1.0) -> None:
+        super().__init__()
+        self.eps, self.negative_slope = eps, negative_slope
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+
+    @classmethod
+    def from_norm(cls, norm: nn.Module, negative_slope: float = 1.0) -> InstanceNormAct:
+        """The same function as ``norm`` (an InstanceNorm without running statistics, or a GroupNorm with one
+        group per channel), sharing its parameters, with the activation added."""
+        channels = norm.num_groups if isinstance(norm, nn.GroupNorm) else norm.num_features
+        if isinstance(norm, nn.GroupNorm) and norm.num_groups != norm.num_channels:
+            raise ValueError(f"InstanceNormAct: GroupNorm with {norm.num_groups} groups over {norm.num_channels} "
+                             "channels is not an instance norm")
+        if getattr(norm, "track_running_stats", False):
+            raise ValueError("InstanceNormAct: an InstanceNorm with running statistics is not supported")
+        fused = cls(channels, eps=norm.eps, affine=norm.weight is not None, negative_slope=negative_slope)
+        fused.weight, fused.bias = norm.weight, norm.bias
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_tracing():  # plain ops: the compiler fuses them into one pass each way, exporters know them
+            return instance_norm_act_reference(x, self.weight, self.bias, self.eps, self.negative_slope)
+        return instance_norm_act(x, self.weight, self.bias, self.eps, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel() if self.weight is not None else ''}, eps={self.eps}, negative_slope={self.negative_slope}"
+
+
+__all__ = ["InstanceNormAct", "InstanceNormActFunction", "instance_norm_act", "instance_norm_act_reference", "is_tracing"]
