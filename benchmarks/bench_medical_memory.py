@@ -11,11 +11,15 @@ Modes (``--modes``):
   device, then written into the same full output).
 - ``regions``: ``sliding_window_labels`` as ``predict`` runs it: ``uint8`` labels only.
 - ``validate``: the validation step's work: region-wise labels and the DiceCE loss summed while stitching, then
-  per-class Dice and HD95 from the label volume.
+  per-class Dice and HD95 from the label volume (``volume_scores``, what each metric's update computes).
+- ``model``: one forward pass of the model on ``sw_batch_size`` windows (its activations).
 
-A full UNETR-Base would need hundreds of 96³ windows of ~150 GFLOP each, too slow for this CPU; the decoder width
-and the 14-class output that dominate the memory are kept, the ViT is made small (``SW_MODEL``). Memory figures are
-not distorted by other jobs on the machine; the seconds are.
+With ``--predictor model`` the windows run the task's model: our decoder at UNETR-Base width (feature size 16) on a
+small ViT (``SW_MODEL``); a full UNETR-Base would need hundreds of 96³ windows of ~150 GFLOP each. Even so one pass
+takes minutes of CPU, hours on a loaded machine, so ``--predictor oracle`` (the default) stands a cheap predictor in
+for the model: logits ``-(x - c)²`` per class ``c`` of an input that holds the labels of 13 box-shaped organs, with the
+model's output shape ``[n, 14, 96, 96, 96]``. That measures stitching, loss and metrics; the ``model`` mode measures
+what the model's activations add on top of the interpreter; the peak of a pass with the model is at most the sum.
 """
 
 from __future__ import annotations
@@ -31,29 +35,46 @@ import torch
 from benchmarks.bench_medical import SW_MODEL
 from benchmarks.harness import bench_parser, parse_bench_args, write_section
 
-MODES = ("monai", "monai_buffered", "regions", "validate")
+MODES = ("monai", "monai_buffered", "regions", "validate", "model")
 
 
 def gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def child(mode: str, shape: tuple[int, int, int], overlap: float, sw_batch_size: int) -> dict[str, float]:
+class Oracle(torch.nn.Module):
+    """Logits ``-(x - c)²`` for classes ``c = 0..num_classes-1``: the input's (integer) value wins, at no cost."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("classes", torch.arange(num_classes, dtype=torch.float32).view(1, -1, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -(x - self.classes).square()
+
+
+def child(mode: str, shape: tuple[int, int, int], overlap: float, sw_batch_size: int, predictor: str) -> dict[str, float]:
     """One pass of ``mode`` in this (fresh) process: peak RSS before and after, seconds."""
     from monai.inferers import sliding_window_inference
 
     from tasks.medical import MedicalSegmentationModule
+    from tasks.medical_metrics import volume_scores
 
     torch.manual_seed(0)
     module = MedicalSegmentationModule(
         backbone="unetr_vit_base", backbone_kwargs=SW_MODEL, num_classes=14, feature_size=16,
         sw_overlap=overlap, sw_batch_size=sw_batch_size, sw_stitch_on_cpu=True,
     ).eval()
-    x = torch.rand(1, 1, *shape)
     target = torch.zeros(1, 1, *shape, dtype=torch.uint8)
     for c in range(1, 14):  # 13 organ-like boxes
         lo = [int(s * (0.05 + 0.06 * c)) for s in shape]
         target[(0, 0, *(slice(a, a + max(s // 8, 1)) for a, s in zip(lo, shape)))] = c
+    if predictor == "oracle":
+        oracle = Oracle(14)
+        module.forward = lambda w: oracle(w)  # the windows' predictor (a plain function: a Module would be a child)
+        x = target.float()
+    else:
+        x = torch.rand(1, 1, *shape)
     before = gib()
     t = time.perf_counter()
     with torch.inference_mode():
@@ -71,19 +92,23 @@ def child(mode: str, shape: tuple[int, int, int], overlap: float, sw_batch_size:
             batch = module.prepare_batch({"input": x, "target": target}, "val")
             labels = module.forward_stage(batch["input"], "val")
             loss = module.compute_loss(labels, target)
-            metrics = module.metrics["val_metrics"]
-            metrics.update(*module.metric_inputs(labels, target))
-            scores = metrics.compute()
-            assert torch.isfinite(loss) and "val/hd95" in scores
+            # what each VolumeMetric's update computes (the collection shares it once its compute groups are known)
+            pred, truth, spacing = module.metric_inputs(labels, target)
+            dice, hd = volume_scores(pred, truth, 14, spacing)
+            assert torch.isfinite(loss) and (hd >= 0).all() and (dice >= 0).all()
+        elif mode == "model":
+            labels = module(torch.rand(sw_batch_size, 1, *module.roi_size)).argmax(1)
         else:
             raise ValueError(f"unknown mode {mode}; choose from {MODES}")
+    if predictor == "oracle" and mode != "model":
+        assert torch.equal(labels.reshape(target.shape).byte(), target), "the oracle's labels must come back"
     return {"peak_gib": gib(), "before_gib": before, "seconds": time.perf_counter() - t, "voxels": labels.numel()}
 
 
-def run_child(mode: str, shape: tuple[int, int, int], overlap: float, sw_batch_size: int) -> dict[str, float]:
+def run_child(mode: str, shape: tuple[int, int, int], overlap: float, sw_batch_size: int, predictor: str) -> dict[str, float]:
     code = (
         "import json; from benchmarks.bench_medical_memory import child; "
-        f"print(json.dumps(child({mode!r}, {tuple(shape)}, {overlap}, {sw_batch_size})))"
+        f"print(json.dumps(child({mode!r}, {tuple(shape)}, {overlap}, {sw_batch_size}, {predictor!r})))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -95,13 +120,15 @@ def main() -> None:
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--sw-batch-size", type=int, default=4)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--predictor", choices=("oracle", "model"), default="oracle")
     args = parse_bench_args(parser)
     shape = tuple(args.shape)
     logits_gib = 14 * torch.Size(shape).numel() * 4 / 2**30
-    rows = ["| mode | peak RSS GiB | before the pass GiB | seconds |", "|---|---|---|---|"]
+    rows = ["| mode | predictor | peak RSS GiB | before the pass GiB | seconds |", "|---|---|---|---|---|"]
     for mode in args.modes:
-        r = run_child(mode, shape, args.overlap, args.sw_batch_size)
-        rows.append(f"| {mode} | **{r['peak_gib']:.2f}** | {r['before_gib']:.2f} | {r['seconds']:.0f} |")
+        predictor = "model" if mode == "model" else args.predictor
+        r = run_child(mode, shape, args.overlap, args.sw_batch_size, predictor)
+        rows.append(f"| {mode} | {predictor} | **{r['peak_gib']:.2f}** | {r['before_gib']:.2f} | {r['seconds']:.0f} |")
         print(rows[-1], flush=True)
     body = "\n".join([
         "`python -m benchmarks.bench_medical_memory`",
@@ -110,8 +137,9 @@ def main() -> None:
             f"Whole-volume inference, {'x'.join(map(str, shape))} volume, 14 classes, 96³ windows, overlap "
             f"{args.overlap}, Gaussian blending, {args.sw_batch_size} windows per pass, stitched in CPU memory (the "
             f"full fp32 logits alone: {logits_gib:.2f} GiB); peak RSS of a fresh process (interpreter, model and "
-            f"input included). Model: our decoder at UNETR-Base width (feature size 16) on a small ViT "
-            f"({SW_MODEL['embed_dim']} wide, {SW_MODEL['depth']} blocks); {torch.get_num_threads()} thread(s)."
+            f"input included); predictor `{args.predictor}` (see the script's docstring), `model`: one forward pass of "
+            f"our decoder at UNETR-Base width (feature size 16) on a small ViT ({SW_MODEL['embed_dim']} wide, "
+            f"{SW_MODEL['depth']} blocks) on {args.sw_batch_size} windows; {torch.get_num_threads()} thread(s)."
         ),
         "",
         *rows,
