@@ -191,3 +191,16 @@ def test_channels_last_decoder_keeps_names_outputs_and_gradients():
     grads = dict(plain.named_parameters())
     for name, p in fused.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_batch_one_convolution_as_two_halves_equals_the_convolution():
+    from tasks.medical_blocks import pointwise
+
+    conv = torch.nn.Conv3d(32, 16, 3, padding=1)
+    x = torch.randn(1, 32, 12, 10, 8).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    out = pointwise(conv, x)  # 32 x 12 x 10 <= 20480: PyTorch's native kernel; here a batch of two halves
+    expected = conv(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(out, (x, conv.weight, conv.bias), grad),
+                               torch.autograd.grad(expected, (x, conv.weight, conv.bias), grad), atol=1e-4, rtol=1e-4)
