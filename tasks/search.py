@@ -245,18 +245,24 @@ class Search:
         for ax, (key, label) in zip(axes[0], axes_of):
             xs, ys = [getattr(r, key) for r in records], [r.top1 for r in records]
             ax.scatter(xs, ys, s=8, c=[r.generation for r in records], cmap="viridis")
-            front, best = [], -1.0
-            for x, y in sorted(zip(xs, ys)):
-                if y > best:
-                    front.append((x, y))
-                    best = y
-            ax.plot(*zip(*front), "r-", label="Pareto front")
+            ax.plot(*zip(*pareto_front(xs, ys)), "r-", label="Pareto front")
             ax.set(xlabel=label, ylabel="hold-out top-1")
             ax.legend()
         path = self.output_dir / "pareto.png"
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         return path
+
+
+def pareto_front(costs: list[float], scores: list[float]) -> list[tuple[float, float]]:
+    """The points no cheaper point beats: ``(cost, score)`` pairs by increasing cost, each scoring higher than all
+    cheaper ones."""
+    front, best = [], float("-inf")
+    for cost, score in sorted(zip(costs, scores)):
+        if score > best:
+            front.append((cost, score))
+            best = score
+    return front
 
 
 def _plain(value: Any) -> Any:

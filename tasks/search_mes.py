@@ -240,6 +240,8 @@ class MESPruning:
     def write_plot(self) -> Path:
         import matplotlib
 
+        from .search import pareto_front  # search imports this module
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -248,12 +250,7 @@ class MESPruning:
         for ax, (key, label) in zip(axes, (("latency_ms", "latency (ms, this machine)"), ("params", "parameters"))):
             xs, ys = [getattr(v, key) for v in self.visits], [v.top1 for v in self.visits]
             ax.scatter(xs, ys, s=8, c=[v.step for v in self.visits], cmap="viridis", label="evaluated")
-            front, best = [], -1.0
-            for x, y in sorted(zip(xs, ys)):
-                if y > best:
-                    front.append((x, y))
-                    best = y
-            ax.plot(*zip(*front), "r-", label="Pareto front")
+            ax.plot(*zip(*pareto_front(xs, ys)), "r-", label="Pareto front")
             ax.plot([getattr(v, key) for v in path_taken], [v.top1 for v in path_taken], "k.--", lw=0.8, label="path taken")
             ax.set(xlabel=label, ylabel="hold-out top-1")
             ax.legend()
