@@ -167,6 +167,9 @@ class ClassificationDataModule(TaskDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def input_size(self) -> tuple[int, int]:
+        return (self.hparams.image_size, self.hparams.image_size)
+
     def synthetic_root(self) -> Path:
         return synthetic_shapes(self.hparams.synthetic_size, self.hparams.synthetic_train_per_class)
 

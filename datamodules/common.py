@@ -169,6 +169,11 @@ class TaskDataModule(L.LightningDataModule):
     def split_batch_size(self, split: str) -> int:
         return self.hparams.batch_size
 
+    def input_size(self) -> tuple[int, ...] | None:
+        """The spatial size of one sample as the model receives it in training (``(H, W)``, ``(T, H, W)``...), for
+        the model summary's FLOPs; ``None`` where it is not fixed."""
+        return None
+
     def collate(self, split: str) -> Callable[[list[Any]], Any] | None:
         return None
 

@@ -306,6 +306,9 @@ class SegmentationDataModule(TaskDataModule):
         row.update(written)
         return row
 
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.hparams.crop_size)
+
     def synthetic_root(self) -> Path:
         hp = self.hparams
         return synthetic_scenes(hp.synthetic_size, hp.synthetic_train, hp.synthetic_val)

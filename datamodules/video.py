@@ -293,6 +293,10 @@ class VideoDataModule(TaskDataModule):
     def num_classes(self) -> int:
         return len(self.vocab.names)
 
+    def input_size(self) -> tuple[int, int, int]:
+        hp = self.hparams
+        return (hp.num_frames, hp.crop_size, hp.crop_size)
+
     def synthetic_root(self) -> Path:
         return synthetic_motion_videos(self.hparams.synthetic_per_class)
 

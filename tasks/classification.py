@@ -410,14 +410,6 @@ class ClassificationModule(TaskModule):
     def picture_maker(self) -> ClassificationPictures:
         return ClassificationPictures([self.class_name(i) for i in range(self.num_classes)])
 
-    def example_input(self) -> torch.Tensor | None:
-        from datamodules.classification import ClassificationDataModule
-
-        data = self._trainer.datamodule if self._trainer is not None else None
-        if not isinstance(data, ClassificationDataModule):
-            return None
-        return torch.zeros(1, self.backbone.in_chans, data.hparams.image_size, data.hparams.image_size)
-
     def build_metrics(self, stage: Stage) -> MetricCollection:
         metrics = {"top1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
         if self.num_classes > 5:

@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from backbones import Backbone, create_backbone
 from backbones.base import AuxiliaryLoss, AuxiliaryLossSource
+from datamodules.common import TaskDataModule
 
 from .distributed import shard_task_module
 from .optimization import OptimizerName, ScheduleName, build_optimizer, build_schedule, parameter_groups
@@ -202,9 +203,11 @@ class TaskModule(L.LightningModule):
         return None
 
     def example_input(self) -> torch.Tensor | None:
-        """One zero sample at the size this run feeds the model (from the data's settings), for the model summary's
-        FLOPs; ``None`` where the size is not known."""
-        return None
+        """One zero sample at the size this run feeds the model (the DataModule's declared ``input_size``), for the
+        model summary's FLOPs; ``None`` where the size is not known."""
+        data = self._trainer.datamodule if self._trainer is not None else None
+        size = data.input_size() if isinstance(data, TaskDataModule) else None
+        return None if size is None else torch.zeros(1, self.backbone.in_chans, *size)
 
     # --- the loop, once ---------------------------------------------------------------------------------
 

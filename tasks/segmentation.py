@@ -169,14 +169,6 @@ class SegmentationModule(TaskModule):
         hp = self.hparams
         return SegmentationPictures(self.class_names, palette, ignore_index=hp.ignore_index, align_corners=hp.align_corners)
 
-    def example_input(self) -> torch.Tensor | None:
-        from datamodules.segmentation import SegmentationDataModule
-
-        data = self._trainer.datamodule if self._trainer is not None else None
-        if not isinstance(data, SegmentationDataModule):
-            return None
-        return torch.zeros(1, self.backbone.in_chans, *data.hparams.crop_size)
-
     def build_metrics(self, stage: Stage) -> MetricCollection:
         k, ignore = self.num_classes, self.hparams.ignore_index
         return MetricCollection(

@@ -55,15 +55,6 @@ class VideoClassificationModule(ClassificationModule):
     def picture_maker(self) -> VideoPictures:
         return VideoPictures([self.class_name(i) for i in range(self.num_classes)])
 
-    def example_input(self) -> torch.Tensor | None:
-        from datamodules.video import VideoDataModule
-
-        data = self._trainer.datamodule if self._trainer is not None else None
-        if not isinstance(data, VideoDataModule):
-            return None
-        hp = data.hparams
-        return torch.zeros(1, self.backbone.in_chans, hp.num_frames, hp.crop_size, hp.crop_size)
-
     def build_metrics(self, stage: Stage) -> MetricCollection:
         metrics = {
             "top1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
