@@ -21,13 +21,13 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
-def _spatial_last(x: torch.Tensor) -> torch.Tensor:
+def spatial_last(x: torch.Tensor) -> torch.Tensor:
     """``[B, C, *spatial]`` as ``[B, N, C]``: a view, contiguous when ``x`` is channels-last."""
     return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
 
 
-def _channels_first(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``_spatial_last`` for a ``[B, N, C]`` tensor shaped after ``like``."""
+def channels_first(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``spatial_last`` for a ``[B, N, C]`` tensor shaped after ``like``."""
     return v.view(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
 
 
@@ -40,21 +40,70 @@ def _column_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.T, b).diagonal()
 
 
-def _centre(xv: torch.Tensor, out: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write ``xv - mean`` into ``out`` (both ``[B, N, C]``) and return the per-sample, per-channel mean and
-    1/std over ``N`` (biased variance, as InstanceNorm).
+_CHUNK_ELEMENTS = 1 << 19  # 2 MiB of fp32: a centred chunk stays in cache between its two uses
 
-    Each sample's ``[N, C]`` matrix is reduced over its rows, which PyTorch's cascade-summed column reductions
-    do fast and exactly, in two passes (mean, then the squares of the centred values: no cancellation);
-    ``torch.var`` over the same rows is as exact but runs a Welford kernel 2-10x slower.
+
+def mean_rstd(xv: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and 1/std (biased variance, as InstanceNorm) of ``xv`` ``[B, N, C]`` over ``N``,
+    each ``[B, 1, C]``.
+
+    Each sample's ``[N, C]`` matrix is reduced over its rows in two passes, which PyTorch's cascade-summed column
+    reductions do fast and exactly: the mean, then the squares of the centred values (no cancellation), centred
+    chunk by chunk into a small buffer that stays in cache, so no map-sized temporary is written. ``torch.var``
+    over the same rows is as exact but runs a Welford kernel 2-10x slower.
     """
+    n, c = xv.shape[1], xv.shape[2]
+    rows = max(1, min(n, _CHUNK_ELEMENTS // c))
+    buffer = xv.new_empty(rows, c)
     means, variances = [], []
-    for x_i, out_i in zip(xv, out):
-        mean = x_i.sum(0) / x_i.shape[0]
-        centred = torch.sub(x_i, mean, out=out_i)
+    for x_i in xv:
+        mean = x_i.sum(0) / n
+        var = torch.zeros_like(mean)
+        for start in range(0, n, rows):
+            chunk = x_i[start : start + rows]
+            centred = torch.sub(chunk, mean, out=buffer[: chunk.shape[0]])
+            var += _column_dots(centred, centred)
         means.append(mean)
-        variances.append(_column_dots(centred, centred) / x_i.shape[0])
+        variances.append(var / n)
     return torch.stack(means).unsqueeze(1), torch.rsqrt(torch.stack(variances).unsqueeze(1) + eps)
+
+
+def scale_shift(mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None,
+                bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The norm and its affine as one per-channel multiply-add, ``x * scale + shift`` (the form of PyTorch's own
+    norm kernels), from the statistics ``[B, 1, C]``."""
+    scale = rstd if weight is None else rstd * weight.view(1, 1, -1)
+    shift = -mean * scale if bias is None else torch.addcmul(bias.view(1, 1, -1), mean, scale, value=-1)
+    return scale, shift
+
+
+def normalize_into(out: torch.Tensor, xv: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                   weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """``out = (xv - mean) * rstd * weight + bias`` for ``[B, N, C]`` views (``out`` may be ``xv``), in one pass."""
+    scale, shift = scale_shift(mean, rstd, weight, bias)
+    if out is xv:
+        return xv.mul_(scale).add_(shift)
+    return torch.addcmul(shift, xv, scale, out=out)
+
+
+def norm_backward(gz: torch.Tensor, xv: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                  weight: torch.Tensor | None, inplace: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The instance norm's backward on ``[B, N, C]`` views: the input gradient from ``gz`` (the gradient at the
+    affine's output), written into ``gz`` when ``inplace``, and the per-channel sums that give the weight's and
+    the bias's gradients (``sum(gz * x_hat)``, ``sum(gz)``, each ``[B, 1, C]``)."""
+    n = xv.shape[1]
+    sum_gz = torch.stack([g.sum(0) for g in gz]).unsqueeze(1)
+    sum_gz_x = torch.stack([_column_dots(g, v) for g, v in zip(gz, xv)]).unsqueeze(1)
+    sum_gz_xhat = (sum_gz_x - mean * sum_gz) * rstd
+    gamma = rstd if weight is None else rstd * weight.view(1, 1, -1)
+    # d x = gamma * rstd * (gz - mean(gz) - x_hat * mean(gz * x_hat)), x_hat = (x - mean) * rstd
+    a = gamma * rstd * sum_gz_xhat / n
+    shift = a * mean - gamma * sum_gz / n
+    if inplace:
+        gx = gz.mul_(gamma).addcmul_(xv, a, value=-1).add_(shift)
+    else:
+        gx = torch.addcmul(shift, xv, a, value=-1).addcmul_(gz, gamma)
+    return gx, sum_gz_xhat, sum_gz
 
 
 class InstanceNormActFunction(torch.autograd.Function):
@@ -64,15 +113,10 @@ class InstanceNormActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                 slope: float) -> torch.Tensor:
-        xv = _spatial_last(x)
+        xv = spatial_last(x)
         out = torch.empty_like(x)  # x's layout; returned whole (not a view), so callers may add to it in place
-        centred = _spatial_last(out)
-        mean, rstd = _centre(xv, centred, eps)
-        scale = rstd if weight is None else rstd * weight.view(1, 1, -1)
-        if bias is None:
-            centred.mul_(scale)
-        else:
-            torch.addcmul(bias.view(1, 1, -1), centred, scale, out=centred)
+        mean, rstd = mean_rstd(xv, eps)
+        normalize_into(spatial_last(out), xv, mean, rstd, weight, bias)
         if slope != 1.0:
             torch.nn.functional.leaky_relu_(out, slope)
         # the output is kept only for the activation's backward: without one, the caller may modify it in place
@@ -84,26 +128,16 @@ class InstanceNormActFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, out, weight, mean, rstd = ctx.saved_tensors
-        xv, gv = _spatial_last(x), _spatial_last(grad)
+        xv, gv = spatial_last(x), spatial_last(grad)
         if xv.is_contiguous() and not gv.is_contiguous():  # a gradient in another layout than the map
             gv = gv.contiguous()
         # z = weight * x_hat + bias; gz = d loss / d z
-        gz = gv if ctx.slope == 1.0 else torch.ops.aten.leaky_relu_backward(gv, _spatial_last(out), ctx.slope, True)
-        n = xv.shape[1]
-        sum_gz = torch.stack([g.sum(0) for g in gz]).unsqueeze(1)
-        sum_gz_x = torch.stack([_column_dots(g, v) for g, v in zip(gz, xv)]).unsqueeze(1)
-        sum_gz_xhat = (sum_gz_x - mean * sum_gz) * rstd
-        gamma = rstd if weight is None else rstd * weight.view(1, 1, -1)
-        # d x = gamma * rstd * (gz - mean(gz) - x_hat * mean(gz * x_hat)), x_hat = (x - mean) * rstd
-        a = gamma * rstd * sum_gz_xhat / n
-        shift = a * mean - gamma * sum_gz / n
-        if gz is gv:  # no activation: the incoming gradient is not ours to overwrite
-            gx = torch.addcmul(shift, xv, a, value=-1).addcmul_(gz, gamma)
-        else:  # in place in the activation's gradient: no second map-sized buffer
-            gx = gz.mul_(gamma).addcmul_(xv, a, value=-1).add_(shift)
+        gz = gv if ctx.slope == 1.0 else torch.ops.aten.leaky_relu_backward(gv, spatial_last(out), ctx.slope, True)
+        # without an activation the incoming gradient is not ours to overwrite; else in place in the activation's
+        gx, sum_gz_xhat, sum_gz = norm_backward(gz, xv, mean, rstd, weight, inplace=gz is not gv)
         gw = sum_gz_xhat.sum(0).view(-1) if weight is not None and ctx.needs_input_grad[1] else None
         gb = sum_gz.sum(0).view(-1) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return _channels_first(gx, x), gw, gb, None, None
+        return channels_first(gx, x), gw, gb, None, None
 
 
 def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -170,4 +204,7 @@ class InstanceNormAct(nn.Module):
         return f"{self.weight.numel() if self.weight is not None else ''}, eps={self.eps}, negative_slope={self.negative_slope}"
 
 
-__all__ = ["InstanceNormAct", "InstanceNormActFunction", "instance_norm_act", "instance_norm_act_reference", "is_tracing"]
+__all__ = [
+    "InstanceNormAct", "InstanceNormActFunction", "channels_first", "instance_norm_act", "instance_norm_act_reference",
+    "is_tracing", "mean_rstd", "norm_backward", "normalize_into", "scale_shift", "spatial_last",
+]

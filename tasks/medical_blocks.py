@@ -24,6 +24,8 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from backbones.conv_fusion import onednn_usable
 from backbones.norms3d import InstanceNormAct, is_tracing
 
+from .medical_res_block import fused_res_block
+
 
 def pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)``, with a 1x1x1 (or 1x1) convolution of stride 1 without groups as a matrix product over the
@@ -114,9 +116,44 @@ class FusedResBlock(nn.Module):
             self.conv3, self.norm3 = block.conv3, _norm_act(block.norm3, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusable(x):
+            return fused_res_block(self, x)
         out = self.norm2(pointwise(_conv(self.conv2), self.norm1(pointwise(_conv(self.conv1), x))))
         residual = self.norm3(pointwise(_conv(self.conv3), x)) if hasattr(self, "conv3") else x
         return F.leaky_relu_(out.add_(residual), self.negative_slope)
+
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Whether ``tasks.medical_res_block`` runs the block on ``x``: a channels-last fp32 CPU volume, 'same'
+        3x3x3-style convolutions and a 1x1x1 projection, oneDNN available, and in training no convolution that
+        PyTorch would give its native kernel (whose backward the two-halves form avoids)."""
+        convs = [_conv(self.conv1), _conv(self.conv2)]
+        if (
+            is_tracing() or x.dim() != 5 or x.device.type != "cpu" or x.dtype != torch.float32
+            or not (x.is_contiguous(memory_format=torch.channels_last_3d) or x.shape[1] == 1 and x.is_contiguous())
+            or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+            or is_in_torch_dispatch_mode()  # FLOP counters see the plain ops
+            or not all(_same_conv(c) for c in convs)
+        ):
+            return False
+        if hasattr(self, "conv3"):
+            c3 = _conv(self.conv3)
+            if not (isinstance(c3, nn.Conv3d) and c3.kernel_size == (1, 1, 1) and c3.stride == (1, 1, 1)
+                    and c3.padding == (0, 0, 0) and c3.groups == 1):
+                return False
+        if not torch.is_grad_enabled():
+            return True
+        h1 = x.new_zeros(()).expand(x.shape[0], convs[0].out_channels, *x.shape[2:])  # conv2's input, as a shape
+        return not (_native_kernel_in_training(convs[0], x) or _native_kernel_in_training(convs[1], h1))
+
+
+def _same_conv(conv: nn.Module) -> bool:
+    """A 3-D convolution of stride 1 without groups or dilation whose zero padding keeps the size."""
+    return (
+        isinstance(conv, nn.Conv3d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+        and conv.groups == 1 and conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1)
+        and all(k % 2 == 1 and p == k // 2 for k, p in zip(conv.kernel_size, conv.padding))
+    )
 
 
 class FusedBasicBlock(nn.Module):

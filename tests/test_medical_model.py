@@ -204,3 +204,33 @@ def test_batch_one_convolution_as_two_halves_equals_the_convolution():
     grad = torch.randn_like(expected)
     torch.testing.assert_close(torch.autograd.grad(out, (x, conv.weight, conv.bias), grad),
                                torch.autograd.grad(expected, (x, conv.weight, conv.bias), grad), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cin,affine", [(32, False), (16, True)])  # projected residual / identity, affine norms
+def test_fused_residual_block_equals_monai_forward_and_backward(cin, affine):
+    from monai.networks.blocks.dynunet_block import UnetResBlock
+
+    from tasks.medical import instance_norm_as_group_norm
+    from tasks.medical_blocks import FusedResBlock
+
+    torch.manual_seed(0)
+    norm = ("instance", {"affine": affine})
+    ref = UnetResBlock(3, cin, 16, 3, 1, norm).double()
+    for m in ref.modules():
+        if isinstance(m, torch.nn.InstanceNorm3d) and affine:
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5), torch.nn.init.uniform_(m.bias, -1, 1)
+    fused = FusedResBlock(instance_norm_as_group_norm(UnetResBlock(3, cin, 16, 3, 1, norm)))
+    fused.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    # 16 x 24 x 64 > 20480: no convolution here gets PyTorch's native kernel, so the fused function runs
+    x = (torch.randn(1, cin, 24, 64, 4) * 2 + 1).contiguous(memory_format=torch.channels_last_3d)
+    x64, x32 = x.double().requires_grad_(), x.clone().requires_grad_()
+    assert fused._fusable(x32)
+    expected, out = ref(x64), fused(x32)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert (out - expected).abs().max().item() <= 1e-5
+    with torch.no_grad():  # inference: in place, the same values
+        assert (fused(x) - expected).abs().max().item() <= 1e-5
+    grad = torch.randn_like(expected)
+    for a, b in zip(torch.autograd.grad(expected, [x64, *ref.parameters()], grad),
+                    torch.autograd.grad(out, [x32, *fused.parameters()], grad.float())):
+        assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item() + 1e-6

@@ -1,0 +1,177 @@
+"""MONAI's ``UnetResBlock`` with instance norms, on channels-last maps, as one autograd function.
+
+UNETR's step on a CPU is bound by its full-resolution blocks (16-32 channels at 96³), and at those sizes every
+map-sized buffer costs a pass over memory and, freshly allocated, its page faults. Taken as one function, the
+block ``leaky(norm2(conv2(leaky(norm1(conv1(x))))) + norm3(conv3(x)))`` needs fewer of them than its layers do
+one by one: each norm writes its output in one multiply-add (statistics first, in cached chunks), both branch norms
+and the residual sum go into one buffer, and the backward takes the activation's gradient once for both branches,
+runs the norms' backward in place, and adds the 1x1x1 projection's input gradient into the 3x3x3 convolution's
+(one GEMM, no separate sum). The saved tensors are the layers' own (input, the convolutions' outputs, the block's
+output); the arithmetic is that of ``backbones.norms3d`` (exact in fp32).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from backbones.norms3d import (
+    InstanceNormAct, channels_first, mean_rstd, norm_backward, normalize_into, scale_shift, spatial_last,
+)
+
+
+def channels_last_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` restrided as channels-last where it has one channel (a no-op in memory), so that oneDNN writes its
+    convolution's output channels-last too; other tensors unchanged."""
+    if x.shape[1] == 1 and x.is_contiguous():
+        b, _, d, h, w = x.shape
+        return x.as_strided(x.shape, (d * h * w, 1, h * w, w, 1))
+    return x
+
+
+def conv_forward(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` without autograd, channels-last: a 1x1x1 convolution as a GEMM over the ``[B, N, C]`` view,
+    any other as oneDNN's kernel (PyTorch would pick its slower native one for a 1-channel batch-1 input)."""
+    if conv.kernel_size == (1, 1, 1):
+        out = torch.empty((x.shape[0], conv.out_channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last_3d)
+        wt = conv.weight.flatten(1).T
+        if conv.bias is None:
+            torch.matmul(spatial_last(x), wt, out=spatial_last(out))
+        else:
+            torch.addmm(conv.bias, spatial_last(x).flatten(0, 1), wt, out=spatial_last(out).flatten(0, 1))
+        return out
+    return torch.ops.mkldnn._convolution_pointwise(
+        channels_last_view(x), conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+        conv.groups, "none", [], "",
+    )
+
+
+def conv_backward(conv: nn.Conv3d, grad: torch.Tensor, x: torch.Tensor, input_grad: bool,
+                  accumulate: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``conv(x)`` for its input (when ``input_grad``; added into ``accumulate`` if given), weight
+    and bias."""
+    if conv.kernel_size == (1, 1, 1):
+        g, xv = spatial_last(grad).flatten(0, 1), spatial_last(x).flatten(0, 1)  # [B*N, C_out], [B*N, C_in]
+        gw = torch.mm(g.T, xv).view_as(conv.weight)
+        gb = g.sum(0) if conv.bias is not None else None
+        gx = None
+        if input_grad and accumulate is not None and spatial_last(accumulate).is_contiguous():
+            spatial_last(accumulate).view(-1, x.shape[1]).addmm_(g, conv.weight.flatten(1))  # into it: no sum pass
+            gx = accumulate
+        elif input_grad and accumulate is not None:
+            gx = accumulate.add_(channels_first(torch.mm(g, conv.weight.flatten(1)).view(x.shape[0], -1, x.shape[1]), x))
+        elif input_grad:
+            gx = channels_first(torch.mm(g, conv.weight.flatten(1)).view(x.shape[0], -1, x.shape[1]), x)
+        return gx, gw, gb
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad, channels_last_view(x), conv.weight, [conv.out_channels] if conv.bias is not None else None,
+        list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0, 0], conv.groups,
+        [input_grad, True, conv.bias is not None],
+    )
+    if accumulate is not None and gx is not None:
+        gx = accumulate.add_(gx)
+    return gx, gw, gb
+
+
+def _norm_act(norm: InstanceNormAct, x: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, ...]:
+    """The norm and its activation of the channels-last map ``x`` (in place, or into a new map); returns the
+    output and the statistics."""
+    xv = spatial_last(x)
+    mean, rstd = mean_rstd(xv, norm.eps)
+    out = x if inplace else torch.empty_like(x)
+    normalize_into(xv if inplace else spatial_last(out), xv, mean, rstd, norm.weight, norm.bias)
+    if norm.negative_slope != 1.0:
+        F.leaky_relu_(out, norm.negative_slope)
+    return out, mean, rstd
+
+
+def res_block_forward(block: nn.Module, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, tuple[Any, ...]]:
+    """The output of ``block`` (a ``FusedResBlock``) and, with ``keep``, what its backward needs; without, the
+    convolutions' outputs are normalised in place (inference)."""
+    h1 = conv_forward(block.conv1.conv, x)
+    a1, mean1, rstd1 = _norm_act(block.norm1, h1, inplace=not keep)
+    h2 = conv_forward(block.conv2.conv, a1)
+    h2v = spatial_last(h2)
+    mean2, rstd2 = mean_rstd(h2v, block.norm2.eps)
+    scale2, shift2 = scale_shift(mean2, rstd2, block.norm2.weight, block.norm2.bias)
+    h3 = mean3 = rstd3 = None
+    if hasattr(block, "conv3"):  # the projected residual's norm, added in the same multiply-add form
+        h3 = conv_forward(block.conv3.conv, x)
+        h3v = spatial_last(h3)
+        mean3, rstd3 = mean_rstd(h3v, block.norm3.eps)
+        scale3, shift3 = scale_shift(mean3, rstd3, block.norm3.weight, block.norm3.bias)
+        shift2 = shift2 + shift3
+    out = torch.empty_like(h2) if keep else h2
+    outv = spatial_last(out)
+    torch.addcmul(shift2, h2v, scale2, out=outv)
+    if h3 is None:
+        outv.add_(spatial_last(x))
+    else:
+        outv.addcmul_(h3v, scale3)
+    F.leaky_relu_(out, block.negative_slope)
+    return out, (h1, a1, mean1, rstd1, h2, mean2, rstd2, h3, mean3, rstd3)
+
+
+def _params(block: nn.Module) -> list[torch.Tensor | None]:
+    """The tensors autograd routes gradients to, in ``ResBlockFunction``'s order."""
+    convs = [block.conv1.conv, block.conv2.conv, *([block.conv3.conv] if hasattr(block, "conv3") else [None])]
+    norms = [block.norm1, block.norm2, getattr(block, "norm3", None)]
+    return [t for m in convs + norms for t in ((m.weight, m.bias) if m is not None else (None, None))]
+
+
+class ResBlockFunction(torch.autograd.Function):
+    """``FusedResBlock``'s forward with a hand-written backward (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Any, block: nn.Module, x: torch.Tensor, *params: torch.Tensor | None) -> torch.Tensor:
+        out, saved = res_block_forward(block, x, keep=True)
+        ctx.block = block
+        ctx.save_for_backward(x, out, *[t for t in saved])
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        block, need = ctx.block, ctx.needs_input_grad
+        x, out, h1, a1, mean1, rstd1, h2, mean2, rstd2, h3, mean3, rstd3 = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last_3d)
+        gz = torch.ops.aten.leaky_relu_backward(grad, out, block.negative_slope, True)  # both branches' gradient
+        gzv = spatial_last(gz)
+        if h3 is not None:  # the projection's norm first: the main branch's then overwrites gz
+            gh3, sxh3, sg3 = norm_backward(gzv, spatial_last(h3), mean3, rstd3, block.norm3.weight, inplace=False)
+        gh2, sxh2, sg2 = norm_backward(gzv, spatial_last(h2), mean2, rstd2, block.norm2.weight, inplace=h3 is not None)
+        ga1, gw2, gb2 = conv_backward(block.conv2.conv, channels_first(gh2, h2), a1, input_grad=True)
+        if block.norm1.negative_slope != 1.0:
+            torch.ops.aten.leaky_relu_backward.grad_input(ga1, a1, block.norm1.negative_slope, True, grad_input=ga1)
+        gh1, sxh1, sg1 = norm_backward(spatial_last(ga1), spatial_last(h1), mean1, rstd1, block.norm1.weight, inplace=True)
+        gx, gw1, gb1 = conv_backward(block.conv1.conv, channels_first(gh1, h1), x, input_grad=need[1])
+        gw3 = gb3 = None
+        if h3 is not None:
+            gx, gw3, gb3 = conv_backward(block.conv3.conv, channels_first(gh3, h3), x, input_grad=need[1], accumulate=gx)
+        elif need[1]:
+            gx = gx.add_(gz)
+        norm_grads = []
+        for norm, sxh, sg in ((block.norm1, sxh1, sg1), (block.norm2, sxh2, sg2),
+                              (getattr(block, "norm3", None), *((sxh3, sg3) if h3 is not None else (None, None)))):
+            has = norm is not None
+            norm_grads += [sxh.sum(0).view(-1) if has and norm.weight is not None else None,
+                           sg.sum(0).view(-1) if has and norm.bias is not None else None]
+        conv_grads = [gw1, gb1, gw2, gb2, gw3, gb3]
+        grads = [g if n else None for g, n in zip(conv_grads + norm_grads, need[2:])]
+        return None, gx, *grads
+
+
+def fused_res_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` through ``ResBlockFunction`` when autograd records, else the in-place forward."""
+    params = _params(block)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        return ResBlockFunction.apply(block, x, *params)
+    return res_block_forward(block, x, keep=False)[0]
+
+
+__all__ = ["ResBlockFunction", "conv_backward", "conv_forward", "fused_res_block", "res_block_forward"]
