@@ -101,6 +101,13 @@ def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float =
     to itself (the diagonal is always kept), so a dropped token's row stays a distribution. ``eps``, spread
     evenly over the N keys, keeps the row sums away from zero as the release does for stable training;
     dropped keys thus keep a weight of about ``eps / N``.
+
+    The release subtracts each row's maximum over all keys; here it is the maximum over the row's kept keys, and
+    ``exp`` is capped at 1. The values are the release's wherever a row's largest logit is a kept key; otherwise
+    the release's row sum can fall to ``eps`` and its gradient with respect to the policy (the straight-through
+    path of the keep decisions) grows as ``1 / eps``, up to 1e6 times the keep-ratio loss's, so the decisions
+    only learn to keep every token. Here every row is a distribution over its kept keys and that gradient is
+    bounded by the values' spread.
     """
     n = logits.shape[-1]
     if policy.shape[:2] != (logits.shape[0], n) or policy[0].numel() != n:
@@ -111,7 +118,8 @@ def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float =
     eye = torch.eye(n, dtype=keep.dtype, device=keep.device)
     keep = keep + (1.0 - keep) * eye  # [B, 1, N, N]
     logits = logits.float()
-    attn = (logits - logits.amax(-1, keepdim=True)).exp() * keep
+    top = logits.masked_fill(keep == 0, float("-inf")).amax(-1, keepdim=True).detach()  # the diagonal is always kept
+    attn = (logits - top).exp().clamp(max=1.0) * keep  # only dropped keys exceed 1, and keep zeroes them
     return (attn + eps / n) / (attn.sum(-1, keepdim=True) + eps)
 
 

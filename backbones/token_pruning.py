@@ -17,6 +17,7 @@ attention then still sees one token per frame at every kept position, and a gath
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -33,9 +34,10 @@ class KeepPredictor(nn.Module):
 
     Args:
         dim: token width.
+        keep_ratio: the keep probability every unit starts at (the stage's target; the release starts at 0.5).
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, keep_ratio: float = 0.5) -> None:
         super().__init__()
         self.embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
         self.score = nn.Sequential(
@@ -46,6 +48,8 @@ class KeepPredictor(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        with torch.no_grad():  # log-probabilities (keep, drop) = (log rho, log(1 - rho)) before any training
+            self.score[-2].bias.copy_(torch.tensor([math.log(keep_ratio), math.log(max(1.0 - keep_ratio, 1e-6))]))
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, U, C]`` unit features, ``keep`` ``[B, U, 1]`` (1 kept) -> log-probabilities ``[B, U, 2]``."""
@@ -104,7 +108,7 @@ class DynamicViT(VisionTransformer):
         vit.__class__ = cls  # same parameters and methods; only forward_tokens/forward change
         model: DynamicViT = vit  # type: ignore[assignment]
         model.keep_ratio, model.prune_at = float(keep_ratio), stages
-        model.predictors = nn.ModuleList(KeepPredictor(vit.embed_dim) for _ in stages)
+        model.predictors = nn.ModuleList(KeepPredictor(vit.embed_dim, keep_ratio) for _ in stages)
         model.predictors.to(vit.pos_embed.device)
         model.token_weights, model.kept_units = None, []
         return model

@@ -353,6 +353,9 @@ class ClassificationModule(TaskModule):
         losses = super().auxiliary_losses(batch, output, stage)
         student, self._distillation_logits = self._distillation_logits, None
         tokens, self._student_tokens = self._student_tokens, None
+        if stage == "train" and self.pruned:  # what the keep-ratio loss holds at rho, rho², rho³: one curve per stage
+            for s, kept in enumerate(self.backbone.kept_units):
+                self.log(f"train/kept_fraction_{s}", kept.float().mean(), on_step=True, on_epoch=True, batch_size=kept.shape[0])
         if stage == "train" and self.hparams.teacher is not None:
             hp = self.hparams
             if tokens is None:

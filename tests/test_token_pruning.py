@@ -163,8 +163,8 @@ def test_training_losses_logged_and_the_recipe_holds_the_pretrained_network(shap
     )
     trainer.fit(module, data)
     rows = read_metrics(tmp_path)
-    for name in ("keep_ratio", "distill", "token_distill"):
-        assert any(f"train/loss_{name}_step" in r for r in rows), name
+    for name in ("loss_keep_ratio", "loss_distill", "loss_token_distill", "kept_fraction_0", "kept_fraction_2"):
+        assert any(f"train/{name}_step" in r for r in rows), name
     assert any("val/top1" in r for r in rows)
     after = module.state_dict()
     assert torch.equal(after["backbone.blocks.0.attn.qkv.weight"], before["backbone.blocks.0.attn.qkv.weight"])
@@ -180,6 +180,40 @@ def test_keep_ratio_loss_is_the_release_one() -> None:
     decisions = [torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]), torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0] * 4])]
     expected = ((0.0 + 0.25) / 2 + (0.0 + 0.0625) / 2) / 2  # targets 0.5 and 0.25
     assert module.backbone.keep_ratio_loss(decisions).item() == pytest.approx(expected)
+
+
+def test_predictors_start_at_the_keep_ratio_targets() -> None:
+    torch.manual_seed(0)
+    module = tiny(token_pruning=True, keep_ratio=0.7).train()
+    module(torch.randn(32, 3, 32, 32))
+    kept = [k.float().mean().item() for k in module.backbone.kept_units]
+    assert kept == pytest.approx([0.7, 0.49, 0.343], abs=0.03)
+
+
+def test_keep_ratio_loss_reaches_its_targets_against_a_dense_teacher(tmp_path: Path) -> None:
+    """From the release's start (every unit kept with probability 0.5), the training objective (cross-entropy, keep
+    ratio, KL and token MSE to the dense teacher) on a learnable task brings each stage to rho^s, with attention as
+    peaked as a trained ViT's: there the release's policy softmax let the other terms drown the keep-ratio loss."""
+    torch.manual_seed(0)
+    dense = tiny()
+    with torch.no_grad():
+        for block in dense.backbone.blocks:
+            block.attn.qkv.weight[: 2 * TINY["embed_dim"]].mul_(16.0)  # queries and keys: peaked attention
+    torch.save(dense.state_dict(), tmp_path / "dense.pth")
+    teacher = {"teacher": "vit_tiny_patch16", "teacher_kwargs": TINY, "teacher_pretrained": str(tmp_path / "dense.pth")}
+    module = tiny(token_pruning=True, keep_ratio=0.7, pretrained=str(tmp_path / "dense.pth"), distillation="kl", **teacher)
+    for predictor in module.backbone.predictors:
+        torch.nn.init.zeros_(predictor.score[-2].bias)
+    optimizer = torch.optim.AdamW(module.train().parameters(), lr=1e-2)
+    generator, kept = torch.Generator().manual_seed(0), []
+    for _ in range(30):
+        x = torch.randn(16, 3, 32, 32, generator=generator)
+        y = (x[:, 0, :16].mean((1, 2)) > 0).long()  # the class: the sign of the top half's mean
+        module.step_outputs({"input": x, "target": y}, "train")["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        kept.append([k.float().mean().item() for k in module.backbone.kept_units])
+    assert torch.tensor(kept[-5:]).mean(0).tolist() == pytest.approx([0.7, 0.49, 0.343], abs=0.04)
 
 
 def test_predict_writes_token_maps(tmp_path: Path) -> None:

@@ -36,10 +36,32 @@ def release_softmax_with_policy(attn: torch.Tensor, policy: torch.Tensor, eps: f
     return ((attn + eps / n) / (attn.sum(dim=-1, keepdim=True) + eps)).type_as(max_att)
 
 
-def test_softmax_with_policy_is_the_release_one() -> None:
+def test_softmax_with_policy_is_the_release_one_where_a_kept_key_leads() -> None:
     logits, policy = torch.randn(2, 3, 9, 9) * 4, random_policy(2, 9)
-    torch.testing.assert_close(softmax_with_policy(logits, policy), release_softmax_with_policy(logits, policy))
-    torch.testing.assert_close(softmax_with_policy(logits, policy[..., 0]), softmax_with_policy(logits, policy))
+    ours, release = softmax_with_policy(logits, policy), release_softmax_with_policy(logits, policy)
+    keep = (policy[:, None, None, :, 0] + torch.eye(9)).clamp(max=1.0).expand_as(logits)  # [B, H, N, N], diagonal kept
+    leads = keep.gather(-1, logits.argmax(-1, keepdim=True))[..., 0].bool()  # rows whose largest logit is a kept key
+    assert leads.any() and not leads.all()
+    torch.testing.assert_close(ours[leads], release[leads])
+    # every row, also where the release's sum falls towards eps: the softmax over the kept keys, as gathering computes
+    torch.testing.assert_close(ours, logits.masked_fill(keep == 0, float("-inf")).softmax(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(softmax_with_policy(logits, policy[..., 0]), ours)
+
+
+def test_policy_gradient_stays_bounded_when_a_row_rests_on_a_dropped_key() -> None:
+    """The keep decisions learn through this gradient (straight-through); the release's grows as 1 / eps when a
+    kept token's attention rests on a dropped key, which drowned the keep-ratio loss (predictors kept everything)."""
+    logits, values = torch.zeros(1, 1, 5, 5), torch.randn(1, 1, 5, 4)
+    logits[..., 1, 3] = 30.0  # token 1 attends to token 3 ...
+    policy = torch.tensor([[1.0, 1.0, 1.0, 0.0, 1.0]])  # ... which is dropped
+    grads = []
+    for softmax in (softmax_with_policy, release_softmax_with_policy):
+        p = policy[..., None].clone().requires_grad_()
+        (softmax(logits, p) @ values).abs().sum().backward()
+        grads.append(p.grad.abs().max().item())
+    ours, release = grads
+    assert ours < 4 * 5 * values.abs().max().item() * 2, ours  # |d out / d p_j| <= |v_j - out_i| per row and channel
+    assert release > 1e4, release
 
 
 @pytest.mark.parametrize("shape", ["bn1", "bn"])
