@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import UnetOutBlock
+from monai.networks.blocks import UnetOutBlock, UnetrUpBlock
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
@@ -203,6 +203,28 @@ class FusedOutBlock(nn.Module):
         return y.view(x.shape[0], -1, *x.shape[2:])
 
 
+class FusedUpBlock(nn.Module):
+    """MONAI's ``UnetrUpBlock`` (transposed convolution, concatenation with the skip, residual block) with the
+    concatenation folded into the block's convolutions: each takes the two parts with its weight split along the
+    input channels (oneDNN adds the second part's convolution into the first's output), so no map-sized copy is
+    made forward and no concatenated gradient backward. Same parameter names.
+
+    Args:
+        block: the MONAI block, whose ``conv_block`` is already a ``FusedResBlock``.
+    """
+
+    def __init__(self, block: UnetrUpBlock) -> None:
+        super().__init__()
+        self.transp_conv, self.conv_block = block.transp_conv, block.conv_block
+
+    def forward(self, inp: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        out = self.transp_conv(inp)
+        block = self.conv_block
+        if hasattr(block, "conv3") and block._fusable(out) and block._fusable(skip):
+            return fused_res_block(block, out, skip)
+        return block(torch.cat((out, skip), dim=1))
+
+
 def _fusable(block: nn.Module) -> bool:
     if isinstance(block, UnetOutBlock):
         return set(dict(block.conv.named_children())) == {"conv"}
@@ -216,15 +238,18 @@ def _fusable(block: nn.Module) -> bool:
 
 def fuse_decoder_blocks(module: nn.Module) -> nn.Module:
     """Swap, in place, every MONAI ``UnetResBlock``, ``UnetBasicBlock`` and ``UnetOutBlock`` under ``module``
-    whose norms are instance norms for its fused form (same parameters, same names, same function); blocks
-    with other norms (batch norm) or dropout stay as they are."""
+    whose norms are instance norms for its fused form (same parameters, same names, same function), and each
+    ``UnetrUpBlock`` around a fused residual block for ``FusedUpBlock``; blocks with other norms (batch norm) or
+    dropout stay as they are."""
     fused = {UnetResBlock: FusedResBlock, UnetBasicBlock: FusedBasicBlock, UnetOutBlock: FusedOutBlock}
     for name, child in module.named_children():
         if type(child) in fused and _fusable(child):
             setattr(module, name, fused[type(child)](child))
         else:
             fuse_decoder_blocks(child)
+            if isinstance(child, UnetrUpBlock) and isinstance(child.conv_block, FusedResBlock):
+                setattr(module, name, FusedUpBlock(child))
     return module
 
 
-__all__ = ["FusedBasicBlock", "FusedOutBlock", "FusedResBlock", "fuse_decoder_blocks", "pointwise"]
+__all__ = ["FusedBasicBlock", "FusedOutBlock", "FusedResBlock", "FusedUpBlock", "fuse_decoder_blocks", "pointwise"]

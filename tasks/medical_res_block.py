@@ -33,49 +33,70 @@ def channels_last_view(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def conv_forward(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` without autograd, channels-last: a 1x1x1 convolution as a GEMM over the ``[B, N, C]`` view,
-    any other as oneDNN's kernel (PyTorch would pick its slower native one for a 1-channel batch-1 input)."""
+def _weight_parts(conv: nn.Conv3d, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The convolution's weight split along its input channels as ``xs`` (the parts of a concatenated input)."""
+    return [conv.weight] if len(xs) == 1 else list(conv.weight.split([x.shape[1] for x in xs], 1))
+
+
+def conv_forward(conv: nn.Conv3d, xs: list[torch.Tensor]) -> torch.Tensor:
+    """``conv(torch.cat(xs, 1))`` without autograd and without the concatenation, channels-last: a 1x1x1
+    convolution as GEMMs over the ``[B, N, C]`` views, any other as oneDNN's kernel, each further part added into
+    the first's output by oneDNN (PyTorch would pick its slower native kernel for a 1-channel batch-1 input)."""
+    ws = _weight_parts(conv, xs)
     if conv.kernel_size == (1, 1, 1):
-        out = torch.empty((x.shape[0], conv.out_channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last_3d)
-        wt = conv.weight.flatten(1).T
-        if conv.bias is None:
-            torch.matmul(spatial_last(x), wt, out=spatial_last(out))
-        else:
-            torch.addmm(conv.bias, spatial_last(x).flatten(0, 1), wt, out=spatial_last(out).flatten(0, 1))
+        out = torch.empty((xs[0].shape[0], conv.out_channels, *xs[0].shape[2:]), dtype=xs[0].dtype,
+                          device=xs[0].device, memory_format=torch.channels_last_3d)
+        ov = spatial_last(out).flatten(0, 1)  # [B*N, C_out], a view
+        for i, (x, w) in enumerate(zip(xs, ws)):
+            xv, wt = spatial_last(x).flatten(0, 1), w.flatten(1).T
+            if i:
+                ov.addmm_(xv, wt)
+            elif conv.bias is None:
+                torch.mm(xv, wt, out=ov)
+            else:
+                torch.addmm(conv.bias, xv, wt, out=ov)
         return out
-    return torch.ops.mkldnn._convolution_pointwise(
-        channels_last_view(x), conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-        conv.groups, "none", [], "",
-    )
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    out = torch.ops.mkldnn._convolution_pointwise(
+        channels_last_view(xs[0]), ws[0].contiguous(), conv.bias, *args, "none", [], "")
+    for x, w in zip(xs[1:], ws[1:]):
+        torch.ops.mkldnn._convolution_pointwise_.binary(
+            out, channels_last_view(x), w.contiguous(), None, *args, "add", None, None, [], None)
+    return out
 
 
-def conv_backward(conv: nn.Conv3d, grad: torch.Tensor, x: torch.Tensor, input_grad: bool,
-                  accumulate: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of ``conv(x)`` for its input (when ``input_grad``; added into ``accumulate`` if given), weight
-    and bias."""
+def conv_backward(conv: nn.Conv3d, grad: torch.Tensor, xs: list[torch.Tensor], input_grad: bool,
+                  accumulate: list[torch.Tensor | None] | None = None) -> tuple[list[torch.Tensor | None], ...]:
+    """Gradients of ``conv(torch.cat(xs, 1))``: for each part of the input (when ``input_grad``; added into
+    ``accumulate``'s tensors where given), for the weight and for the bias."""
+    ws, accumulate = _weight_parts(conv, xs), accumulate or [None] * len(xs)
+    gxs: list[torch.Tensor | None] = []
     if conv.kernel_size == (1, 1, 1):
-        g, xv = spatial_last(grad).flatten(0, 1), spatial_last(x).flatten(0, 1)  # [B*N, C_out], [B*N, C_in]
-        gw = torch.mm(g.T, xv).view_as(conv.weight)
+        g = spatial_last(grad).flatten(0, 1)  # [B*N, C_out]
+        gw = torch.cat([torch.mm(g.T, spatial_last(x).flatten(0, 1)) for x in xs], 1).view_as(conv.weight)
         gb = g.sum(0) if conv.bias is not None else None
-        gx = None
-        if input_grad and accumulate is not None and spatial_last(accumulate).is_contiguous():
-            spatial_last(accumulate).view(-1, x.shape[1]).addmm_(g, conv.weight.flatten(1))  # into it: no sum pass
-            gx = accumulate
-        elif input_grad and accumulate is not None:
-            gx = accumulate.add_(channels_first(torch.mm(g, conv.weight.flatten(1)).view(x.shape[0], -1, x.shape[1]), x))
-        elif input_grad:
-            gx = channels_first(torch.mm(g, conv.weight.flatten(1)).view(x.shape[0], -1, x.shape[1]), x)
-        return gx, gw, gb
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad, channels_last_view(x), conv.weight, [conv.out_channels] if conv.bias is not None else None,
-        list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0, 0], conv.groups,
-        [input_grad, True, conv.bias is not None],
-    )
-    if accumulate is not None and gx is not None:
-        gx = accumulate.add_(gx)
-    return gx, gw, gb
+        for x, w, acc in zip(xs, ws, accumulate):
+            if not input_grad:
+                gxs.append(None)
+            elif acc is not None and spatial_last(acc).is_contiguous():
+                spatial_last(acc).view(-1, x.shape[1]).addmm_(g, w.flatten(1))  # into it: no separate sum
+                gxs.append(acc)
+            else:
+                gx = channels_first(torch.mm(g, w.flatten(1)).view(x.shape[0], -1, x.shape[1]), x)
+                gxs.append(gx if acc is None else acc.add_(gx))
+        return gxs, gw, gb
+    gws, gb = [], None
+    for i, (x, w, acc) in enumerate(zip(xs, ws, accumulate)):
+        bias = i == 0 and conv.bias is not None
+        gx, gw, gb_i = torch.ops.aten.convolution_backward(
+            grad, channels_last_view(x), w.contiguous(), [conv.out_channels] if bias else None,
+            list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0, 0], conv.groups,
+            [input_grad, True, bias],
+        )
+        gxs.append(acc.add_(gx) if acc is not None and gx is not None else gx)
+        gws.append(gw)
+        gb = gb_i if bias else gb
+    return gxs, torch.cat(gws, 1) if len(gws) > 1 else gws[0], gb
 
 
 def _norm_act(norm: InstanceNormAct, x: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, ...]:
@@ -90,27 +111,29 @@ def _norm_act(norm: InstanceNormAct, x: torch.Tensor, inplace: bool) -> tuple[to
     return out, mean, rstd
 
 
-def res_block_forward(block: nn.Module, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, tuple[Any, ...]]:
-    """The output of ``block`` (a ``FusedResBlock``) and, with ``keep``, what its backward needs; without, the
-    convolutions' outputs are normalised in place (inference)."""
-    h1 = conv_forward(block.conv1.conv, x)
+def res_block_forward(block: nn.Module, xs: list[torch.Tensor], keep: bool) -> tuple[torch.Tensor, tuple[Any, ...]]:
+    """The output of ``block`` (a ``FusedResBlock``) on the channel concatenation of ``xs`` and, with ``keep``,
+    what its backward needs; without, the convolutions' outputs are normalised in place (inference)."""
+    h1 = conv_forward(block.conv1.conv, xs)
     a1, mean1, rstd1 = _norm_act(block.norm1, h1, inplace=not keep)
-    h2 = conv_forward(block.conv2.conv, a1)
+    h2 = conv_forward(block.conv2.conv, [a1])
     h2v = spatial_last(h2)
     mean2, rstd2 = mean_rstd(h2v, block.norm2.eps)
     scale2, shift2 = scale_shift(mean2, rstd2, block.norm2.weight, block.norm2.bias)
     h3 = mean3 = rstd3 = None
     if hasattr(block, "conv3"):  # the projected residual's norm, added in the same multiply-add form
-        h3 = conv_forward(block.conv3.conv, x)
+        h3 = conv_forward(block.conv3.conv, xs)
         h3v = spatial_last(h3)
         mean3, rstd3 = mean_rstd(h3v, block.norm3.eps)
         scale3, shift3 = scale_shift(mean3, rstd3, block.norm3.weight, block.norm3.bias)
         shift2 = shift2 + shift3
+    elif len(xs) > 1:
+        raise ValueError("res_block_forward: an identity residual takes one input")
     out = torch.empty_like(h2) if keep else h2
     outv = spatial_last(out)
     torch.addcmul(shift2, h2v, scale2, out=outv)
     if h3 is None:
-        outv.add_(spatial_last(x))
+        outv.add_(spatial_last(xs[0]))
     else:
         outv.addcmul_(h3v, scale3)
     F.leaky_relu_(out, block.negative_slope)
@@ -125,36 +148,39 @@ def _params(block: nn.Module) -> list[torch.Tensor | None]:
 
 
 class ResBlockFunction(torch.autograd.Function):
-    """``FusedResBlock``'s forward with a hand-written backward (see the module docstring)."""
+    """``FusedResBlock``'s forward on ``x`` (or on ``cat(x, skip)``) with a hand-written backward (see the module
+    docstring)."""
 
     @staticmethod
-    def forward(ctx: Any, block: nn.Module, x: torch.Tensor, *params: torch.Tensor | None) -> torch.Tensor:
-        out, saved = res_block_forward(block, x, keep=True)
+    def forward(ctx: Any, block: nn.Module, x: torch.Tensor, skip: torch.Tensor | None,
+                *params: torch.Tensor | None) -> torch.Tensor:
+        out, saved = res_block_forward(block, [x] if skip is None else [x, skip], keep=True)
         ctx.block = block
-        ctx.save_for_backward(x, out, *[t for t in saved])
+        ctx.save_for_backward(x, skip, out, *saved)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         block, need = ctx.block, ctx.needs_input_grad
-        x, out, h1, a1, mean1, rstd1, h2, mean2, rstd2, h3, mean3, rstd3 = ctx.saved_tensors
+        x, skip, out, h1, a1, mean1, rstd1, h2, mean2, rstd2, h3, mean3, rstd3 = ctx.saved_tensors
+        xs, input_grad = [x] if skip is None else [x, skip], need[1] or need[2]
         grad = grad.contiguous(memory_format=torch.channels_last_3d)
         gz = torch.ops.aten.leaky_relu_backward(grad, out, block.negative_slope, True)  # both branches' gradient
         gzv = spatial_last(gz)
         if h3 is not None:  # the projection's norm first: the main branch's then overwrites gz
             gh3, sxh3, sg3 = norm_backward(gzv, spatial_last(h3), mean3, rstd3, block.norm3.weight, inplace=False)
         gh2, sxh2, sg2 = norm_backward(gzv, spatial_last(h2), mean2, rstd2, block.norm2.weight, inplace=h3 is not None)
-        ga1, gw2, gb2 = conv_backward(block.conv2.conv, channels_first(gh2, h2), a1, input_grad=True)
+        (ga1,), gw2, gb2 = conv_backward(block.conv2.conv, channels_first(gh2, h2), [a1], input_grad=True)
         if block.norm1.negative_slope != 1.0:
             torch.ops.aten.leaky_relu_backward.grad_input(ga1, a1, block.norm1.negative_slope, True, grad_input=ga1)
         gh1, sxh1, sg1 = norm_backward(spatial_last(ga1), spatial_last(h1), mean1, rstd1, block.norm1.weight, inplace=True)
-        gx, gw1, gb1 = conv_backward(block.conv1.conv, channels_first(gh1, h1), x, input_grad=need[1])
+        gxs, gw1, gb1 = conv_backward(block.conv1.conv, channels_first(gh1, h1), xs, input_grad=input_grad)
         gw3 = gb3 = None
         if h3 is not None:
-            gx, gw3, gb3 = conv_backward(block.conv3.conv, channels_first(gh3, h3), x, input_grad=need[1], accumulate=gx)
-        elif need[1]:
-            gx = gx.add_(gz)
+            gxs, gw3, gb3 = conv_backward(block.conv3.conv, channels_first(gh3, h3), xs, input_grad, accumulate=gxs)
+        elif input_grad:
+            gxs[0].add_(gz)
         norm_grads = []
         for norm, sxh, sg in ((block.norm1, sxh1, sg1), (block.norm2, sxh2, sg2),
                               (getattr(block, "norm3", None), *((sxh3, sg3) if h3 is not None else (None, None)))):
@@ -162,16 +188,19 @@ class ResBlockFunction(torch.autograd.Function):
             norm_grads += [sxh.sum(0).view(-1) if has and norm.weight is not None else None,
                            sg.sum(0).view(-1) if has and norm.bias is not None else None]
         conv_grads = [gw1, gb1, gw2, gb2, gw3, gb3]
-        grads = [g if n else None for g, n in zip(conv_grads + norm_grads, need[2:])]
-        return None, gx, *grads
+        grads = [g if n else None for g, n in zip(conv_grads + norm_grads, need[3:])]
+        gx, gskip = (gxs + [None])[:2] if input_grad else (None, None)
+        return None, gx if need[1] else None, gskip if need[2] else None, *grads
 
 
-def fused_res_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``block(x)`` through ``ResBlockFunction`` when autograd records, else the in-place forward."""
+def fused_res_block(block: nn.Module, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """``block(x)``, or ``block(torch.cat((x, skip), 1))`` without the concatenation, through
+    ``ResBlockFunction`` when autograd records, else the in-place forward."""
     params = _params(block)
-    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
-        return ResBlockFunction.apply(block, x, *params)
-    return res_block_forward(block, x, keep=False)[0]
+    inputs = [x] if skip is None else [x, skip]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs + params):
+        return ResBlockFunction.apply(block, x, skip, *params)
+    return res_block_forward(block, inputs, keep=False)[0]
 
 
 __all__ = ["ResBlockFunction", "conv_backward", "conv_forward", "fused_res_block", "res_block_forward"]

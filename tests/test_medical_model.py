@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from backbones import create_backbone
 from backbones.unetr import conv_to_perceptron, perceptron_to_conv
@@ -233,4 +234,33 @@ def test_fused_residual_block_equals_monai_forward_and_backward(cin, affine):
     grad = torch.randn_like(expected)
     for a, b in zip(torch.autograd.grad(expected, [x64, *ref.parameters()], grad),
                     torch.autograd.grad(out, [x32, *fused.parameters()], grad.float())):
+        assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item() + 1e-6
+
+
+def test_fused_up_block_joins_the_skip_without_concatenating():
+    from monai.networks.blocks import UnetrUpBlock
+
+    from tasks.medical import instance_norm_as_group_norm
+    from tasks.medical_blocks import FusedUpBlock, fuse_decoder_blocks
+
+    torch.manual_seed(0)
+    args = dict(spatial_dims=3, in_channels=32, out_channels=16, kernel_size=3, upsample_kernel_size=2,
+                norm_name="instance", res_block=True)
+    ref = UnetrUpBlock(**args).double()
+    holder = fuse_decoder_blocks(nn.ModuleList([instance_norm_as_group_norm(UnetrUpBlock(**args))]))
+    fused = holder[0]
+    assert isinstance(fused, FusedUpBlock)
+    fused.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    cl = torch.channels_last_3d
+    inp = torch.randn(1, 32, 12, 32, 2).contiguous(memory_format=cl)
+    skip = (torch.randn(1, 16, 24, 64, 4) + 1).contiguous(memory_format=cl)
+    ins64 = [t.double().requires_grad_() for t in (inp, skip)]
+    ins32 = [t.clone().requires_grad_() for t in (inp, skip)]
+    expected, out = ref(*ins64), fused(*ins32)
+    assert (out - expected).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        assert (fused(inp, skip) - expected).abs().max().item() <= 1e-5
+    grad = torch.randn_like(expected)
+    for a, b in zip(torch.autograd.grad(expected, [*ins64, *ref.parameters()], grad),
+                    torch.autograd.grad(out, [*ins32, *fused.parameters()], grad.float())):
         assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item() + 1e-6
