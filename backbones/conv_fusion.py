@@ -10,8 +10,13 @@ uses for the same fusion). Outside its domain (autograd, another device or dtype
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
+
+# convolution -> (the input shape and weight state it was made for, its weight in oneDNN's layout); see packed_weight
+_PACKED: weakref.WeakKeyDictionary[nn.Conv2d, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 # activation module -> (oneDNN post-op, its scalars, its algorithm)
 _POST_OPS: dict[type[nn.Module], tuple[str, list, str]] = {nn.Identity: ("none", [], ""), nn.ReLU: ("relu", [], "")}
@@ -33,16 +38,71 @@ def onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def conv_act(conv: nn.Conv2d, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``act(conv(x))``, as one oneDNN convolution with a post-op where it applies."""
+def conv_act(
+    conv: nn.Conv2d, act: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, *, inplace: bool = False
+) -> torch.Tensor:
+    """``act(conv(x))``, or ``conv(x) + residual`` (``act`` then must be the identity), as one oneDNN convolution
+    with a post-op where it applies: the residual is read as the convolution writes its output, instead of in a
+    separate pass over three maps. ``inplace`` lets the result be written into ``residual`` (which the caller then
+    no longer needs): no new map to allocate."""
     op = post_op(act)
-    if op is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or not onednn_usable(x, conv.weight):
-        return act(conv(x))
-    attr, scalars, algorithm = op
-    return torch.ops.mkldnn._convolution_pointwise(
-        x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-        attr, scalars, algorithm,
+    usable = (
+        op is not None and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+        and onednn_usable(x, conv.weight)
     )
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    if residual is not None:
+        if not isinstance(act, nn.Identity):
+            raise ValueError(f"a residual is added after the convolution, not after its activation {act}")
+        if not usable or not _same_layout(x, residual):
+            return conv(x) + residual
+        if inplace:
+            return torch.ops.mkldnn._convolution_pointwise_(
+                residual, x, packed_weight(conv, x), conv.bias, *args, "add", 1.0, None, [], None
+            )
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, residual, packed_weight(conv, x), conv.bias, *args, "add", 1.0, None, [], None
+        )
+    if not usable:
+        return act(conv(x))
+    return torch.ops.mkldnn._convolution_pointwise(x, packed_weight(conv, x), conv.bias, *args, *op)
+
+
+def packed_weight(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv``'s weight reordered into oneDNN's blocked layout for channels-last inputs of ``x``'s shape, made on
+    the first call and kept (one shape per convolution, renewed when the weight changes or the thread count); the
+    plain weight otherwise. oneDNN reorders a plain weight on every call: a pass over all of a network's weights
+    per forward, and most of the time of a small convolution. The kept copy doubles the convolutions' weight
+    memory."""
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return conv.weight
+    w = conv.weight
+    key = (tuple(x.shape), torch.get_num_threads(), w.data_ptr(), version(w), tuple(w.shape))
+    entry = _PACKED.get(conv)
+    if entry is None or entry[0] != key:
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            w.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape)
+        )
+        entry = _PACKED[conv] = (key, packed)
+    return entry[1]
+
+
+def forget_packed(module: nn.Module, *args: object) -> None:
+    """Drop the packed weights of ``module``'s convolutions (a ``load_state_dict`` post-hook: weights loaded
+    inside ``torch.inference_mode`` may leave their version counters as they were)."""
+    for m in module.modules():
+        _PACKED.pop(m, None)
+
+
+def version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (bumped by in-place changes); None for an inference tensor, which has none."""
+    return None if t.is_inference() else t._version
+
+
+def _same_layout(x: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether the residual has the dtype and memory layout of the convolution's output (that of ``x``)."""
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return residual.dtype == x.dtype and residual.is_contiguous(memory_format=fmt) and x.is_contiguous(memory_format=fmt)
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:
@@ -60,4 +120,7 @@ def channels_last_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-__all__ = ["channels_last_input", "conv_act", "onednn_usable", "post_op", "to_channels_last"]
+__all__ = [
+    "channels_last_input", "conv_act", "forget_packed", "onednn_usable", "packed_weight", "post_op", "to_channels_last",
+    "version",
+]

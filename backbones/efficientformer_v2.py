@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from .base import Backbone, FeatureInfo
-from .conv_fusion import channels_last_input, conv_act, to_channels_last
+from .conv_fusion import channels_last_input, conv_act, forget_packed, to_channels_last, version
 from .layers import DropPath, resample_pos_embed, to_tuple
 from .registry import build_preset, register
 
@@ -42,11 +42,15 @@ class ConvNorm(nn.Module):
         self.conv = nn.Conv2d(in_chans, out_chans, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups)
         self.bn: nn.Module = nn.BatchNorm2d(out_chans)
         self.act = act_layer() if act_layer is not None else nn.Identity()
+        self.register_load_state_dict_post_hook(forget_packed)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.bn, nn.Identity):  # folded: conv and activation as one oneDNN call where it applies
-            return conv_act(self.conv, self.act, x)
-        return self.act(self.bn(self.conv(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, inplace: bool = False) -> torch.Tensor:
+        """``act(bn(conv(x)))``, plus ``residual`` when given, which the folded form adds inside the convolution,
+        writing the result into ``residual`` itself when ``inplace`` allows it."""
+        if isinstance(self.bn, nn.Identity):  # folded: conv with its activation or residual as one oneDNN call
+            return conv_act(self.conv, self.act, x, residual, inplace=inplace)
+        out = self.act(self.bn(self.conv(x)))
+        return out if residual is None else out + residual
 
     @torch.no_grad()
     def fuse(self, out_scale: torch.Tensor | None = None) -> None:
@@ -85,7 +89,10 @@ class ConvMlp(nn.Module):
         self.fc2 = ConvNorm(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, inplace: bool = False) -> torch.Tensor:
+        """The branch, plus ``residual`` when given (the inference form's: no dropout after it; see ConvNorm)."""
+        if residual is not None:
+            return self.fc2(self.drop1(self.mid(self.fc1(x))), residual, inplace=inplace)
         return self.drop2(self.fc2(self.drop1(self.mid(self.fc1(x)))))
 
     def fuse(self, out_scale: torch.Tensor | None = None) -> None:
@@ -105,11 +112,27 @@ def relative_offset_index(grid: tuple[int, int], query_stride: int, device: torc
     return dy * w + dx
 
 
+def heads_to_map(x: torch.Tensor, grid: tuple[int, int], channels_last: bool) -> torch.Tensor:
+    """``[B, heads, h * w, d] -> [B, heads * d, h, w]``, its memory channels-last (``[B, h, w, heads * d]``) when
+    asked, so that the convolutions it meets in the inference form take it without a layout conversion."""
+    if channels_last:
+        return rearrange(x, "b n (h w) d -> b h w (n d)", h=grid[0]).permute(0, 3, 1, 2)
+    return rearrange(x, "b n (h w) d -> b (n d) h w", h=grid[0])
+
+
+def mix_heads(conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv`` (1x1, heads to heads) over ``x [B, heads, N, M]`` as one batched matmul; ``bias [heads, N * M]``
+    replaces the conv's bias when given. (A convolution over maps of 8 channels is slow on a CPU.)"""
+    b, n = x.shape[:2]
+    bias = conv.bias.view(n, 1) if bias is None else bias
+    return torch.baddbmm(bias, conv.weight.view(1, n, n).expand(b, n, n), x.flatten(2)).view(x.shape)
+
+
 class RelativeBiasAttention(nn.Module):
     """Base of both attentions: a learned bias per head and relative offset ``(|dy|, |dx|)``, stored as a table
     ``attention_biases [heads, th * tw]`` for the grid ``table_grid`` and resampled bicubically to other grids.
-    In inference without gradients the gathered bias of the last grid is cached (keyed by the table's version,
-    so loading weights invalidates it)."""
+    In inference without gradients the biases derived for the last grid are cached (keyed by the versions of the
+    tensors they come from, so loading weights invalidates them)."""
 
     def __init__(self, num_heads: int, table_grid: tuple[int, int]) -> None:
         super().__init__()
@@ -117,6 +140,7 @@ class RelativeBiasAttention(nn.Module):
         self.table_grid = table_grid
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, math.prod(table_grid)))
         self._bias_cache: dict[tuple, torch.Tensor] = {}
+        self.register_load_state_dict_post_hook(_forget_biases)
 
     def bias_table(self, grid: tuple[int, int]) -> torch.Tensor:
         """The table resampled to ``grid``: ``[heads, h * w]`` (the stored one when ``grid == table_grid``)."""
@@ -126,24 +150,39 @@ class RelativeBiasAttention(nn.Module):
     def attention_bias(self, grid: tuple[int, int], query_stride: int = 1) -> torch.Tensor:
         """``[heads, Nq, Nk]`` biases for keys on ``grid`` and queries every ``query_stride`` positions."""
         table = self.attention_biases
-        key = (grid, query_stride, table.device, table.dtype, table._version)
-        cacheable = not self.training and not torch.is_grad_enabled()
-        if cacheable and key in self._bias_cache:
-            return self._bias_cache[key]
-        bias = self.bias_table(grid)[:, relative_offset_index(grid, query_stride, table.device)]
-        if cacheable:
-            self._bias_cache = {key: bias}
-        return bias
+        return self._cached(
+            ("bias", grid, query_stride, table.device, table.dtype, version(table)),
+            lambda: self.bias_table(grid)[:, relative_offset_index(grid, query_stride, table.device)],
+        )
+
+    def _cached(self, key: tuple, compute: Any) -> torch.Tensor:
+        """``compute()``, kept for ``key`` while in inference without gradients (one entry per kind, ``key[0]``)."""
+        if self.training or torch.is_grad_enabled():
+            return compute()
+        if key not in self._bias_cache:
+            value = compute()
+            self._bias_cache = {k: v for k, v in self._bias_cache.items() if k[0] != key[0]}
+            self._bias_cache[key] = value
+        return self._bias_cache[key]
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
         self._bias_cache = {}
         return super()._apply(fn, *args, **kwargs)
 
 
+def _forget_biases(module: RelativeBiasAttention, *args: Any) -> None:
+    """A ``load_state_dict`` post-hook: weights loaded inside ``torch.inference_mode`` may leave their version
+    counters as they were."""
+    module._bias_cache = {}
+
+
 class TalkingHeadAttention(RelativeBiasAttention):
     """Self-attention over a 2-D map with talking heads (1x1 mixing of the heads' logits before and after the
     softmax), relative biases and a local depthwise 3x3 branch on the values. With ``stride`` 2 it attends over a
-    depthwise-strided map and upsamples the result bilinearly back to the input's grid."""
+    depthwise-strided map and upsamples the result bilinearly back to the input's grid.
+
+    The inference form (``fuse``) mixes the heads with batched matmuls, the first mixing applied to the biases once
+    (``W (qk + b) + c = W qk + (W b + c)``), and keeps the maps channels-last around the attention."""
 
     def __init__(
         self, dim: int, *, table_grid: tuple[int, int], num_heads: int = 8, key_dim: int = 32, attn_ratio: int = 4,
@@ -161,26 +200,38 @@ class TalkingHeadAttention(RelativeBiasAttention):
         self.talking_head2 = nn.Conv2d(num_heads, num_heads, 1)
         self.act = act_layer()
         self.proj = ConvNorm(value_dim, dim)
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, inplace: bool = False) -> torch.Tensor:
+        """The attention branch ``[B, dim, H, W] -> [B, dim, H, W]``, plus ``residual`` when given (see ConvNorm)."""
         size = x.shape[2:]
         if self.stride_conv is not None:
             x = self.stride_conv(x)
-        h, w = x.shape[2:]
+        grid = (x.shape[2], x.shape[3])
+        channels_last = self.fused and x.is_contiguous(memory_format=torch.channels_last)
         q = rearrange(self.q(x), "b (n d) h w -> b n (h w) d", n=self.num_heads)
         k = rearrange(self.k(x), "b (n d) h w -> b n d (h w)", n=self.num_heads)
         v = self.v(x)
-        v_local = self.v_local(v)
-        v = rearrange(v, "b (n d) h w -> b n (h w) d", n=self.num_heads)
-        attn = q @ k
-        if self.scale != 1.0:  # folded into the queries by fuse()
-            attn = attn * self.scale
-        attn = attn + self.attention_bias((h, w)).to(attn.dtype)  # [B, heads, N, N]
-        attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
-        x = rearrange(attn @ v, "b n (h w) d -> b (n d) h w", h=h, w=w) + v_local
+        attn = q @ k  # [B, heads, N, N]
+        if self.fused:  # the scale is folded into the queries, the first head mixing into the biases
+            attn = mix_heads(self.talking_head1, attn, self.mixed_bias(grid)).softmax(dim=-1)
+            attn = mix_heads(self.talking_head2, attn)
+        else:
+            attn = attn * self.scale + self.attention_bias(grid).to(attn.dtype)
+            attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
+        out = attn @ rearrange(v, "b (n d) h w -> b n (h w) d", n=self.num_heads)
+        x = self.v_local(v, heads_to_map(out, grid, channels_last), inplace=True)  # the local branch + attention
         if self.stride_conv is not None:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return self.proj(self.act(x))
+        return self.proj(self.act(x), residual, inplace=inplace)
+
+    def mixed_bias(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``[heads, N * N]``: the first head mixing applied to the attention biases, plus its own bias."""
+        th = self.talking_head1
+        return self._cached(
+            ("mixed", grid, version(self.attention_biases), version(th.weight), version(th.bias)),
+            lambda: torch.addmm(th.bias.view(-1, 1), th.weight.flatten(1), self.attention_bias(grid).flatten(1)),
+        )
 
     @torch.no_grad()
     def fuse(self, out_scale: torch.Tensor | None = None) -> None:
@@ -192,6 +243,7 @@ class TalkingHeadAttention(RelativeBiasAttention):
             self.q.conv.bias.mul_(self.scale)
             self.scale = 1.0
         self.proj.fuse(out_scale)
+        self.fused = True
 
 
 class LocalGlobalQuery(nn.Module):
@@ -236,23 +288,27 @@ class AttentionDownsample(RelativeBiasAttention):
         self.v_local = ConvNorm(value_dim, value_dim, 3, stride=2, groups=value_dim)
         self.act = act_layer()
         self.proj = ConvNorm(value_dim, out_dim)
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, dim, H, W] -> [B, out_dim, H/2, W/2]``, plus ``residual`` when given, which it may overwrite."""
         h, w = x.shape[2:]
+        channels_last = self.fused and x.is_contiguous(memory_format=torch.channels_last)
         q = rearrange(self.q(x), "b (n d) h w -> b n (h w) d", n=self.num_heads)
         k = rearrange(self.k(x), "b (n d) h w -> b n (h w) d", n=self.num_heads)
         v = self.v(x)
-        v_local = self.v_local(v)
-        v = rearrange(v, "b (n d) h w -> b n (h w) d", n=self.num_heads)
         bias = self.attention_bias((h, w), query_stride=2).to(q.dtype)  # [heads, N/4, N]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        x = rearrange(x, "b n (h w) d -> b (n d) h w", h=h // 2, w=w // 2) + v_local
-        return self.proj(self.act(x))
+        out = F.scaled_dot_product_attention(
+            q, k, rearrange(v, "b (n d) h w -> b n (h w) d", n=self.num_heads), attn_mask=bias, scale=self.scale
+        )
+        x = self.v_local(v, heads_to_map(out, (h // 2, w // 2), channels_last), inplace=True)
+        return self.proj(self.act(x), residual, inplace=True)
 
     def fuse(self, out_scale: torch.Tensor | None = None) -> None:
         for conv in (self.q, self.k, self.v, self.v_local):
             conv.fuse()
         self.proj.fuse(out_scale)
+        self.fused = True
 
 
 class Downsample(nn.Module):
@@ -265,7 +321,9 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(x)
-        return out if self.attn is None else out + self.attn(x)
+        if self.attn is None:
+            return out
+        return self.attn(x, residual=out) if self.attn.fused else out + self.attn(x)
 
     def fuse(self) -> None:
         self.conv.fuse()
@@ -287,8 +345,15 @@ class EfficientFormerV2Block(nn.Module):
         self.mlp = ConvMlp(dim, hidden_dim, drop=drop)
         self.ls2: nn.Module = LayerScale2d(dim, layer_scale_init_value)
         self.drop_path2 = DropPath(drop_path)
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+        """``inplace``: the inference form may add the branches into ``x`` itself (the caller no longer needs it)."""
+        if self.fused:  # layer scales folded; each branch's closing convolution adds the residual
+            if self.token_mixer is not None:
+                x = self.token_mixer(x, residual=x, inplace=inplace)
+                inplace = True  # a map of our own now
+            return self.mlp(x, residual=x, inplace=inplace)
         if self.token_mixer is not None:
             x = x + self.drop_path1(self.ls1(self.token_mixer(x)))
         return x + self.drop_path2(self.ls2(self.mlp(x)))
@@ -300,6 +365,7 @@ class EfficientFormerV2Block(nn.Module):
         if isinstance(self.ls2, LayerScale2d):
             self.mlp.fuse(self.ls2.gamma)
             self.ls2 = nn.Identity()
+        self.fused = True
 
 
 class EfficientFormerV2Stage(nn.Module):
@@ -311,9 +377,13 @@ class EfficientFormerV2Stage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.downsample is not None:
+        owned = self.downsample is not None  # whether x is a map of the stage's own, which blocks may update
+        if owned:
             x = self.downsample(x)
-        return self.blocks(x)
+        for block in self.blocks:
+            x = block(x, inplace=owned)
+            owned = True
+        return x
 
 
 class EfficientFormerV2(Backbone):

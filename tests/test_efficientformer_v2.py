@@ -198,13 +198,32 @@ def test_fused_equals_unfused(name: str) -> None:
         feats, pooled = model(x), model.forward_pooled(x)
         model.fuse()
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.stages.modules())
-        for a, b in zip(feats, model(x)):
+        x_cl = x.contiguous(memory_format=torch.channels_last)  # the layout the fused form runs in, not copied
+        for a, b in zip(feats, model(x_cl)):  # every stage output whole, though blocks add residuals in place
             assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
+        assert torch.equal(x_cl, x)
         assert (pooled - model.forward_pooled(x)).abs().max() <= 1e-5 * max(1.0, pooled.abs().max().item())
+        block = model.stages[-1].blocks[-1]  # a block run on its own leaves its input alone
+        h = torch.ones(2, block.mlp.fc1.conv.in_channels, 2, 2).contiguous(memory_format=torch.channels_last)
+        block(h)
+        assert (h == 1).all()
     # with autograd on, the fused form runs conv and GELU apart (the oneDNN post-op path is inference only)
     assert (model(x)[-1].detach() - feats[-1]).abs().max() <= 1e-5 * max(1.0, feats[-1].abs().max().item())
     with pytest.raises(RuntimeError, match="fused"):
         model.train()
+
+
+def test_fused_network_follows_weights_loaded_after_it_ran() -> None:
+    """The fused form keeps its convolution weights in oneDNN's layout after a first pass; new weights replace them."""
+    a, b = (create_backbone("efficientformerv2_s0", img_size=64).eval() for _ in range(2))
+    randomize(b, seed=2)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        a.fuse(), b.fuse()
+        a(x), a(x)
+        a.load_state_dict(b.state_dict())
+        for fa, fb in zip(a(x), b(x)):
+            assert torch.allclose(fa, fb, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", PRESETS)
