@@ -43,14 +43,30 @@ def gib() -> float:
 
 
 class Oracle(torch.nn.Module):
-    """Logits ``-(x - c)²`` for classes ``c = 0..num_classes-1``: the input's (integer) value wins, at no cost."""
+    """Logits ``-(scale * x - offset - c)²`` for classes ``c = 0..num_classes-1``: the class the input encodes wins, at
+    no cost (``scale=1, offset=0``: the input holds the labels)."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, scale: float = 1.0, offset: float = 0.0) -> None:
         super().__init__()
-        self.register_buffer("classes", torch.arange(num_classes, dtype=torch.float32).view(1, -1, 1, 1, 1))
+        self.scale, self.offset = scale, offset
+        self.register_buffer("classes", torch.arange(num_classes, dtype=torch.float32).view(1, -1, 1, 1, 1) + offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return -(x - self.classes).square()
+        return (x * self.scale - self.classes).square_().neg_()
+
+
+def current_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+
+
+def organ_boxes(shape: tuple[int, int, int]) -> torch.Tensor:
+    """``uint8`` labels ``[1, 1, *shape]``: 13 organ-like boxes on background."""
+    target = torch.zeros(1, 1, *shape, dtype=torch.uint8)
+    for c in range(1, 14):
+        lo = [int(s * (0.05 + 0.06 * c)) for s in shape]
+        target[(0, 0, *(slice(a, a + max(s // 8, 1)) for a, s in zip(lo, shape)))] = c
+    return target
 
 
 def child(mode: str, shape: tuple[int, int, int], overlap: float, sw_batch_size: int, predictor: str) -> dict[str, float]:
@@ -65,10 +81,7 @@ def child(mode: str, shape: tuple[int, int, int], overlap: float, sw_batch_size:
         backbone="unetr_vit_base", backbone_kwargs=SW_MODEL, num_classes=14, feature_size=16,
         sw_overlap=overlap, sw_batch_size=sw_batch_size, sw_stitch_on_cpu=True,
     ).eval()
-    target = torch.zeros(1, 1, *shape, dtype=torch.uint8)
-    for c in range(1, 14):  # 13 organ-like boxes
-        lo = [int(s * (0.05 + 0.06 * c)) for s in shape]
-        target[(0, 0, *(slice(a, a + max(s // 8, 1)) for a, s in zip(lo, shape)))] = c
+    target = organ_boxes(shape)
     if predictor == "oracle":
         oracle = Oracle(14)
         module.forward = lambda w: oracle(w)  # the windows' predictor (a plain function: a Module would be a child)

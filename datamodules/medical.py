@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, list_data_collate
 from monai.transforms import (
+    CastToTyped,
     Compose,
     CropForegroundd,
     MapTransform,
@@ -241,9 +242,12 @@ class MedicalDataModule(TaskDataModule):
         ])
 
     def eval_transform(self, with_label: bool = True) -> Compose:
-        """Whole volumes: resampled and normalised; cropped to the body only when scored against labels."""
+        """Whole volumes: resampled and normalised; cropped to the body only when scored against labels, whose
+        volume is then kept in the smallest integer type that holds the classes (``uint8``: a quarter of float32's
+        memory, cached and batched as it is)."""
         keys = ["image", "label"] if with_label else ["image"]
-        return Compose([*self._geometry(keys), *self._intensity(keys, crop=with_label)])
+        labels = [CastToTyped("label", dtype=label_dtype(self.num_classes))] if with_label else []
+        return Compose([*self._geometry(keys), *self._intensity(keys, crop=with_label), *labels])
 
     # --- stages --------------------------------------------------------------------------------------------
 
@@ -273,25 +277,43 @@ class MedicalDataModule(TaskDataModule):
         return collate_volumes
 
 
+def label_dtype(num_classes: int) -> torch.dtype:
+    """The smallest integer type holding labels ``0..num_classes-1``."""
+    return torch.uint8 if num_classes <= 256 else torch.int16 if num_classes <= 2**15 else torch.int32
+
+
 def collate_volumes(items: list[Any]) -> dict[str, Any]:
     """MONAI samples (lists of crops are flattened) -> the task batch: plain tensors ``input``
-    ``[B, C, D, H, W]``, ``target`` ``[B, 1, D, H, W]`` (long), ``index``, ``path``, ``spacing`` ``[B, 3]`` mm,
-    and the geometry needed to write a prediction back in the input's space: ``affine`` (after
-    preprocessing), ``original_affine`` and ``original_shape`` (as stored in the file)."""
-    batch = list_data_collate(items)
-    image = batch["image"]
-    affine = torch.as_tensor(image.affine, dtype=torch.float64).reshape(-1, 4, 4)
+    ``[B, C, D, H, W]``, ``target`` ``[B, 1, D, H, W]`` (integer labels: ``long`` for training crops, the cached
+    type, ``uint8`` for up to 256 classes, for whole volumes), ``index``, ``path``, ``spacing`` ``[B, 3]`` mm, and the
+    geometry needed to write a prediction back in the input's space: ``affine`` (after preprocessing),
+    ``original_affine`` and ``original_shape`` (as stored in the file). One whole volume (evaluation, prediction)
+    is batched as views of its tensors: stacking would copy the volume."""
+    if len(items) == 1 and isinstance(items[0], dict):
+        item = items[0]
+        image, label = item["image"], item.get("label")
+        affine = torch.as_tensor(image.affine, dtype=torch.float64)[None]
+        index, paths = torch.as_tensor([item["index"]]), [item["path"]]
+        input, target = image.as_tensor()[None], label.as_tensor()[None] if isinstance(label, torch.Tensor) else None
+        original_affine, original_shape = image.meta["original_affine"], image.meta["spatial_shape"]
+    else:
+        batch = list_data_collate(items)
+        image = batch["image"]
+        affine = torch.as_tensor(image.affine, dtype=torch.float64).reshape(-1, 4, 4)
+        index, paths, input = batch["index"], list(batch["path"]), image.as_tensor()
+        target = batch["label"].as_tensor() if isinstance(batch.get("label"), torch.Tensor) else None
+        original_affine, original_shape = image.meta["original_affine"], image.meta["spatial_shape"]
     out: dict[str, Any] = {
-        "input": image.as_tensor(),
-        "index": batch["index"],
-        "path": list(batch["path"]),
+        "input": input,
+        "index": index,
+        "path": paths,
         "spacing": torch.linalg.vector_norm(affine[:, :3, :3], dim=1),  # column norms: [B, 3]
         "affine": affine,
-        "original_affine": torch.as_tensor(image.meta["original_affine"], dtype=torch.float64).reshape(-1, 4, 4),
-        "original_shape": torch.as_tensor(image.meta["spatial_shape"]).reshape(affine.shape[0], -1).long(),
+        "original_affine": torch.as_tensor(original_affine, dtype=torch.float64).reshape(-1, 4, 4),
+        "original_shape": torch.as_tensor(original_shape).reshape(affine.shape[0], -1).long(),
     }
-    if isinstance(batch.get("label"), torch.Tensor):
-        out["target"] = batch["label"].as_tensor().long()
+    if target is not None:
+        out["target"] = target.long() if target.is_floating_point() else target  # float as loaded; integer as cast
     return out
 
 

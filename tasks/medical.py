@@ -136,7 +136,9 @@ class MedicalSegmentationModule(TaskModule):
             structures that many crops do not contain.
         sw_roi_size: sliding-window size (linked from ``data.roi_size`` by the CLI); ``None`` uses the
             backbone's ``img_size``.
-        sw_batch_size: windows per forward pass.
+        sw_batch_size: windows per forward pass; ``auto``: 1 where the windows run on a CPU (batching them does not
+            speed CPU inference up, and each window adds its decoder's full-resolution maps, ~0.4 GiB at UNETR-Base
+            width: benchmarks/RESULTS.md), 4 on an accelerator (MONAI's UNETR setting).
         sw_overlap: overlap of neighbouring windows (fraction of the ROI).
         sw_mode: ``gaussian`` weights window centres over their borders when stitching; ``constant`` averages.
         sw_stitch_on_cpu: stitch the whole volume in CPU memory while windows run on the model's device (large
@@ -167,7 +169,7 @@ class MedicalSegmentationModule(TaskModule):
         lambda_ce: float = 1.0,
         batch_dice: bool = False,
         sw_roi_size: tuple[int, int, int] | None = None,
-        sw_batch_size: int = 4,
+        sw_batch_size: int | Literal["auto"] = "auto",
         sw_overlap: float = 0.5,
         sw_mode: Literal["gaussian", "constant"] = "gaussian",
         sw_stitch_on_cpu: bool = False,
@@ -251,10 +253,16 @@ class MedicalSegmentationModule(TaskModule):
         labels = output.argmax(1) if output.is_floating_point() else output
         return labels, target.to(labels.device), self._spacing
 
+    def windows_per_pass(self, device: torch.device) -> int:
+        """``sw_batch_size``, with ``auto`` resolved for the device the windows run on."""
+        size = self.hparams.sw_batch_size
+        return (1 if device.type == "cpu" else 4) if size == "auto" else int(size)
+
     def _window_options(self, x: torch.Tensor) -> dict[str, Any]:
         hp = self.hparams
         return {
-            "roi_size": self.roi_size, "sw_batch_size": hp.sw_batch_size, "overlap": hp.sw_overlap, "mode": hp.sw_mode,
+            "roi_size": self.roi_size, "sw_batch_size": self.windows_per_pass(x.device), "overlap": hp.sw_overlap,
+            "mode": hp.sw_mode,
             "sw_device": x.device, "device": torch.device("cpu") if hp.sw_stitch_on_cpu else x.device,
         }
 

@@ -50,12 +50,12 @@ def volume_scores(
         step = [1.0, 1.0, 1.0] if spacing is None else [float(s) for s in spacing[b]]
         diagonal = float(sum((n * s) ** 2 for n, s in zip(pred.shape[-3:], step)) ** 0.5)
         for c in range(1, num_classes):
-            p = (pred[b] == c)[None, None].float()  # [1, 1, D, H, W]: one class at a time bounds memory
-            t = (target[b] == c)[None, None].float()
-            has_p, has_t = bool(p.any()), bool(t.any())
-            if not has_p and not has_t:
+            box = class_box(pred[b], target[b], c)
+            if box is None:  # in neither
                 continue
-            if not (has_p and has_t):
+            p = (pred[b][box] == c)[None, None].float()  # [1, 1, *box]: one class and its box at a time bounds memory
+            t = (target[b][box] == c)[None, None].float()
+            if not (bool(p.any()) and bool(t.any())):
                 dice[b, c - 1], hd[b, c - 1] = 0.0, diagonal
                 continue
             dice[b, c - 1] = compute_dice(p, t, include_background=True).item()
@@ -66,6 +66,21 @@ def volume_scores(
                         p, t, include_background=True, percentile=percentile, spacing=step
                     ).item()
     return dice, hd
+
+
+def class_box(pred: torch.Tensor, target: torch.Tensor, c: int) -> tuple[slice, ...] | None:
+    """The bounding box of class ``c`` in either label volume ``[D, H, W]``, one voxel wider on each side within the
+    volume (``None`` if neither holds it). Dice and MONAI's HD on that box equal those on the whole volume: MONAI
+    crops to the same box (margin 1, zeros past the volume's border) before finding edges, and Dice counts voxels,
+    so the full-size float copies of each class are never made."""
+    union = (pred == c).logical_or_(target == c)
+    box = []
+    for axis in range(union.ndim):
+        hits = union.any(dim=[d for d in range(union.ndim) if d != axis]).nonzero()
+        if hits.numel() == 0:
+            return None
+        box.append(slice(max(int(hits[0]) - 1, 0), min(int(hits[-1]) + 2, union.shape[axis])))
+    return tuple(box)
 
 
 class VolumeMetric(Metric):
@@ -141,4 +156,6 @@ def volume_metrics(
         if per_class:
             for c, suffix in enumerate(metric_suffixes(num_classes, class_names), start=1):
                 metrics[f"{kind}_{suffix}"] = VolumeMetric(num_classes, kind=kind, class_index=c, percentile=percentile)
-    return MetricCollection(metrics, compute_groups=True)
+    # one group given up front: found by torchmetrics instead, the first batch would be scored once per metric (28
+    # times for 14 classes, a whole validation of one volume)
+    return MetricCollection(metrics, compute_groups=[list(metrics)])

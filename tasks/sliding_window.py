@@ -106,15 +106,27 @@ def stitch_windows(
 
     axes = [_axis_cells(sorted({w[d].start for w in windows}), patch[d], image_size[d]) for d in range(dims)]
     start_index = [{s: i for i, s in enumerate(sorted({w[d].start for w in windows}))} for d in range(dims)]
+    covering = [  # per axis and cell: the window starts covering it, ascending
+        [[s for s, r in zip(sorted(start_index[d]), axes[d][1]) if i in r] for i in range(len(axes[d][0]))]
+        for d in range(dims)
+    ]
     remaining: dict[tuple[int, ...], int] = {}
     acc: dict[tuple[int, ...], torch.Tensor] = {}
-    count: dict[tuple[int, ...], torch.Tensor] = {}
 
     def cell_box(cell: tuple[int, ...]) -> list[tuple[int, int]]:
         return [axes[d][0][cell[d]] for d in range(dims)]
 
+    def cell_count(cell: tuple[int, ...]) -> torch.Tensor:
+        """MONAI's count map over ``cell``: the weights of the windows covering it, added in MONAI's window order (so
+        bit for bit), computed when the cell is done instead of kept alive beside its sum."""
+        box = cell_box(cell)
+        total = torch.zeros([e - a for a, e in box], dtype=compute_dtype, device=device)
+        for starts in itertools.product(*(covering[d][cell[d]] for d in range(dims))):  # lexicographic: MONAI's order
+            total += count_weight[tuple(slice(a - s, e - s) for s, (a, e) in zip(starts, box))]
+        return total
+
     def finish(b: int, cell: tuple[int, ...]) -> None:
-        blended = acc.pop((b, *cell)).div_(count.pop((b, *cell)))  # MONAI's ``output /= count_map``
+        blended = acc.pop((b, *cell)).div_(cell_count(cell))  # MONAI's ``output /= count_map``
         region, local = [], []
         for (a, e), lo, s in zip(cell_box(cell), pad_lo, spatial):  # back to the unpadded input's coordinates
             a0, e0 = max(a - lo, 0), min(e - lo, s)
@@ -143,12 +155,9 @@ def stitch_windows(
                 box = cell_box(cell)
                 local = tuple(slice(a - w[d].start, e - w[d].start) for d, (a, e) in enumerate(box))
                 if key not in acc:
-                    size = [e - a for a, e in box]
-                    acc[key] = torch.zeros([p.shape[0], *size], dtype=compute_dtype, device=device)
-                    count[key] = torch.zeros(size, dtype=compute_dtype, device=device)
+                    acc[key] = torch.zeros([p.shape[0], *(e - a for a, e in box)], dtype=compute_dtype, device=device)
                     remaining[key] = math.prod(axes[d][2][cell[d]] for d in range(dims))
                 acc[key] += p[(slice(None), *local)]
-                count[key] += count_weight[local]
                 remaining[key] -= 1
                 if remaining[key] == 0:
                     del remaining[key]

@@ -8,9 +8,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from datamodules.common import DataError
-from datamodules.medical import MedicalDataModule, split_folds
+from datamodules.medical import MedicalDataModule, collate_volumes, split_folds
 from datamodules.synthetic_volumes import CLASS_NAMES, write_decathlon_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -78,6 +79,23 @@ def test_ct_batches(ct_root):
     assert val["input"].shape[2:] == val["target"].shape[2:]
     np.testing.assert_allclose(val["spacing"][0].numpy(), [3.0, 3.0, 3.0], atol=1e-6)
 
+
+
+def test_one_volume_is_batched_as_views_equal_to_the_stacked_batch(ct_root):
+    """A whole volume (evaluation) reaches the model without a copy: input and uint8 labels are views of the cached
+    item, and every field equals that of the stacked (general) batch."""
+    dm = MedicalDataModule(str(ct_root), fold=0, num_folds=5, **SMALL)
+    dm.setup("validate")
+    item = dm.datasets["val"][0]
+    batch, stacked = collate_volumes([item]), collate_volumes([item, item])
+    assert batch["input"].data_ptr() == item["image"].data_ptr()
+    assert batch["target"].dtype == torch.uint8 and batch["target"].data_ptr() == item["label"].data_ptr()
+    assert batch.keys() == stacked.keys()
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == stacked[key].dtype and torch.equal(value, stacked[key][:1]), key
+        else:
+            assert value == stacked[key][:1], key
 
 def test_multichannel_mri(tmp_path):
     write_decathlon_folder(tmp_path, num_train=3, num_test=1, size=32, channels=2)

@@ -47,7 +47,11 @@ def test_dice_and_hd95_known_answers():
     torch.testing.assert_close(hd[0], torch.tensor([0.0, 8.0, diagonal, diagonal]))
 
 
-def test_shifted_cube_and_the_mean_counts_missed_structures():
+def test_shifted_cube_and_the_mean_counts_missed_structures(monkeypatch):
+    import tasks.medical_metrics
+
+    scored = []
+    monkeypatch.setattr(tasks.medical_metrics, "volume_scores", lambda *a, **k: scored.append(1) or volume_scores(*a, **k))
     target = torch.zeros(2, 16, 16, 16, dtype=torch.long)
     pred = torch.zeros_like(target)
     target[:, 2:12, 2:12, 2:12] = 1
@@ -61,8 +65,28 @@ def test_shifted_cube_and_the_mean_counts_missed_structures():
     assert math.isnan(out["dice_3"])  # never present, never predicted: no information
     assert out["dice"] == pytest.approx((0.8 + 0.5) / 2)  # not (0.8 + 1.0) / 2: the miss counts as 0
     assert out["hd95_2"] == pytest.approx(math.sqrt(3 * 16**2) / 2)  # mean of 0 and the volume diagonal
-    assert len(metrics.compute_groups) == 1  # every volume scored once for all classes and kinds
+    assert len(metrics.compute_groups) == 1 and len(scored) == 1  # scored once for all classes and kinds
 
+
+
+def test_scores_on_each_class_box_equal_monais_on_the_whole_volume():
+    """volume_scores crops each class to its box before MONAI's Dice and HD95: the same numbers as on the full
+    volumes, also for structures that touch the volume's border."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.zeros(1, 23, 19, 17, dtype=torch.uint8)
+    target[0, 0:6, 3:11, 10:17] = 1  # touches two borders
+    target[0, 12:20, 8:19, 2:9] = 2
+    pred = target.clone()
+    noise = torch.rand(target.shape, generator=g) < 0.08
+    pred[noise] = torch.randint(0, 3, target.shape, generator=g, dtype=torch.uint8)[noise]
+    spacing = torch.tensor([[0.8, 1.2, 2.5]])
+    dice, hd = volume_scores(pred, target, 3, spacing)
+    for c in (1, 2):
+        p, t = (pred == c)[:, None].float(), (target == c)[:, None].float()
+        assert dice[0, c - 1] == compute_dice(p, t).item()
+        assert hd[0, c - 1] == compute_hausdorff_distance(p, t, percentile=95, spacing=[0.8, 1.2, 2.5]).item()
 
 # --- sliding window and predictions ----------------------------------------------------------------------
 
