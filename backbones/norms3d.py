@@ -40,7 +40,7 @@ def _column_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.T, b).diagonal()
 
 
-_CHUNK_ELEMENTS = 1 << 19  # 2 MiB of fp32: a centred chunk stays in cache between its two uses
+_CHUNK_ELEMENTS = 1 << 21  # 8 MiB of fp32: a centred chunk stays in cache between its two uses, in few ops
 
 
 def mean_rstd(xv: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
