@@ -133,6 +133,7 @@ class FusedResBlock(nn.Module):
             or not (x.is_contiguous(memory_format=torch.channels_last_3d) or x.shape[1] == 1 and x.is_contiguous())
             or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
             or is_in_torch_dispatch_mode()  # FLOP counters see the plain ops
+            or torch.is_autocast_enabled("cpu")  # mixed precision: the plain ops, in its dtypes
             or not all(_same_conv(c) for c in convs)
         ):
             return False
