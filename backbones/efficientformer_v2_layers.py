@@ -70,7 +70,7 @@ class ConvMlp(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, inplace: bool = False) -> torch.Tensor:
         """The branch, plus ``residual`` when given (the inference form's: no dropout after it; see ConvNorm)."""
         if residual is not None:
-            return self.fc2(self.drop1(self.mid(self.fc1(x))), residual, inplace=inplace)
+            return self.fc2(self.mid(self.fc1(x)), residual, inplace=inplace)
         return self.drop2(self.fc2(self.drop1(self.mid(self.fc1(x)))))
 
     def fuse(self, out_scale: torch.Tensor | None = None) -> None:
