@@ -15,6 +15,7 @@ bit, at a fraction of its memory.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -25,6 +26,24 @@ import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (AttributeError, OSError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the heap memory freed since the last call back to the OS (glibc's ``malloc_trim``; nothing on other C
+    libraries). Run after each window batch: the model's freed activations otherwise stay resident beside the
+    regions still being stitched, ~0.08 GiB per UNETR-Base window on top of the pass's peak."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 Region = tuple[slice, ...]
 
 
@@ -146,6 +165,7 @@ def stitch_windows(
                 f"stitch_windows needs the predictor to return one tensor [n, C, *{patch}] per window batch, "
                 f"got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
             )
+        release_freed_memory()
         out *= weight  # as MONAI: weighted in place on the window device, then moved to the stitching device
         out = out.to(device)
         for (b, w), p in zip(batch, out):
