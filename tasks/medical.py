@@ -136,8 +136,8 @@ class MedicalSegmentationModule(TaskModule):
             structures that many crops do not contain.
         sw_roi_size: sliding-window size (linked from ``data.roi_size`` by the CLI); ``None`` uses the
             backbone's ``img_size``.
-        sw_batch_size: windows per forward pass; ``auto``: 1 where the windows run on a CPU (batching them does not
-            speed CPU inference up, and each window adds its decoder's full-resolution maps, ~0.4 GiB at UNETR-Base
+        sw_batch_size: windows per forward pass; ``auto``: 1 where the windows run on a CPU (batching them speeds CPU
+            inference up by ~6 % only, and each window adds its decoder's full-resolution maps, ~0.4 GiB at UNETR-Base
             width: benchmarks/RESULTS.md), 4 on an accelerator (MONAI's UNETR setting).
         sw_overlap: overlap of neighbouring windows (fraction of the ROI).
         sw_mode: ``gaussian`` weights window centres over their borders when stitching; ``constant`` averages.
