@@ -20,8 +20,6 @@ through shared memory, and the worker holds the preprocessing).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_medical_memory import Oracle, current_gib, gib, organ_boxes
+from benchmarks.bench_medical_memory import Oracle, current_gib, gib, organ_boxes, run_fresh
 from benchmarks.harness import bench_parser, parse_bench_args
 
 
@@ -126,12 +124,7 @@ def cli_child(stage: str, shape: tuple[int, int, int], real: list[int] | None, e
 
 
 def run_child(stage: str, shape: tuple[int, ...], real: list[int] | None, extra: list[str]) -> dict[str, Any]:
-    code = (
-        "import json; from benchmarks.bench_medical_cli_memory import cli_child; "
-        f"print('RESULT', json.dumps(cli_child({stage!r}, {tuple(shape)}, {real!r}, {extra!r})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("RESULT"))[7:])
+    return run_fresh("benchmarks.bench_medical_cli_memory", "cli_child", stage, tuple(shape), real, extra)
 
 
 def window_throughput(steps: int, sizes: tuple[int, ...] = (1, 2, 4)) -> list[str]:

@@ -29,6 +29,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -53,6 +54,14 @@ class Oracle(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x * self.scale - self.classes).square_().neg_()
+
+
+def run_fresh(module: str, function: str, *args: Any) -> dict[str, Any]:
+    """``module.function(*args)`` in a fresh interpreter, so its ``ru_maxrss`` peak is that call's alone; the JSON
+    dict it returns comes back through the child's last ``RESULT`` line (``args`` must round-trip through repr)."""
+    code = f"import json; from {module} import {function}; print('RESULT', json.dumps({function}(*{args!r})))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("RESULT"))[7:])
 
 
 def current_gib() -> float:
@@ -119,12 +128,7 @@ def child(mode: str, shape: tuple[int, int, int], overlap: float, sw_batch_size:
 
 
 def run_child(mode: str, shape: tuple[int, int, int], overlap: float, sw_batch_size: int, predictor: str) -> dict[str, float]:
-    code = (
-        "import json; from benchmarks.bench_medical_memory import child; "
-        f"print(json.dumps(child({mode!r}, {tuple(shape)}, {overlap}, {sw_batch_size}, {predictor!r})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_fresh("benchmarks.bench_medical_memory", "child", mode, tuple(shape), overlap, sw_batch_size, predictor)
 
 
 def main() -> None:

@@ -15,15 +15,13 @@ output dropped for the oracle's. Labels are checked against those the input enco
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from typing import Any
 
 import torch
 
 from benchmarks.bench_medical_cli_memory import HybridPredictor
-from benchmarks.bench_medical_memory import gib
+from benchmarks.bench_medical_memory import gib, run_fresh
 from benchmarks.harness import bench_parser, parse_bench_args
 
 
@@ -75,12 +73,7 @@ def tile_child(size: int, num_classes: int, real: list[int] | None, sw_batch_siz
 
 
 def run_child(size: int, num_classes: int, real: list[int] | None, sw_batch_size: int) -> dict[str, Any]:
-    code = (
-        "import json; from benchmarks.bench_tile_memory import tile_child; "
-        f"print('RESULT', json.dumps(tile_child({size}, {num_classes}, {real!r}, {sw_batch_size})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("RESULT"))[7:])
+    return run_fresh("benchmarks.bench_tile_memory", "tile_child", size, num_classes, real, sw_batch_size)
 
 
 def main() -> None:
