@@ -178,6 +178,10 @@ class MedicalSegmentationModule(TaskModule):
         channels_last: bool = True,
         **kwargs: Any,
     ) -> None:
+        if sw_batch_size != "auto" and (
+            isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1
+        ):
+            raise ValueError(f"sw_batch_size must be 'auto' or a number of windows >= 1, got {sw_batch_size!r}")
         if in_channels is not None:
             kwargs["backbone_kwargs"] = {**(kwargs.get("backbone_kwargs") or {}), "in_chans": in_channels}
         super().__init__(**kwargs)

@@ -198,3 +198,9 @@ def test_per_class_metric_names() -> None:
     ]
     assert metric_suffixes(3, ["bg", "a", "A"]) == ["1", "2"]  # the same name twice once cleaned: indices
     assert metric_suffixes(3, None) == metric_suffixes(3, ["bg", "a"]) == ["1", "2"]
+
+
+@pytest.mark.parametrize("size", [0, -2, "fast", 1.5])
+def test_bad_sw_batch_size_is_named(size) -> None:
+    with pytest.raises(ValueError, match="sw_batch_size must be 'auto' or a number of windows >= 1"):
+        tiny_module(sw_batch_size=size)
