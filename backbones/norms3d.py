@@ -87,9 +87,10 @@ def normalize_into(out: torch.Tensor, xv: torch.Tensor, mean: torch.Tensor, rstd
 
 
 def norm_backward(gz: torch.Tensor, xv: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                  weight: torch.Tensor | None, inplace: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  weight: torch.Tensor | None, inplace: bool,
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The instance norm's backward on ``[B, N, C]`` views: the input gradient from ``gz`` (the gradient at the
-    affine's output), written into ``gz`` when ``inplace``, and the per-channel sums that give the weight's and
+    affine's output), written into ``gz`` when ``inplace`` (else into ``out`` where given), and the per-channel sums that give the weight's and
     the bias's gradients (``sum(gz * x_hat)``, ``sum(gz)``, each ``[B, 1, C]``)."""
     n = xv.shape[1]
     sum_gz = torch.stack([g.sum(0) for g in gz]).unsqueeze(1)
@@ -102,7 +103,7 @@ def norm_backward(gz: torch.Tensor, xv: torch.Tensor, mean: torch.Tensor, rstd: 
     if inplace:
         gx = gz.mul_(gamma).addcmul_(xv, a, value=-1).add_(shift)
     else:
-        gx = torch.addcmul(shift, xv, a, value=-1).addcmul_(gz, gamma)
+        gx = torch.addcmul(shift, xv, a, value=-1, out=out).addcmul_(gz, gamma)
     return gx, sum_gz_xhat, sum_gz
 
 

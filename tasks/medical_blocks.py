@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from backbones.conv_fusion import onednn_usable
 from backbones.norms3d import InstanceNormAct, is_tracing
 
+from .medical_buffers import MAPS
 from .medical_res_block import fused_res_block
 
 
@@ -197,10 +198,14 @@ class FusedOutBlock(nn.Module):
         ):
             return pointwise(conv, x)
         flat, weight = x.flatten(2), conv.weight.flatten(1).expand(x.shape[0], -1, -1)  # [B, C, N]: a view
+        y = None
+        if not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)):
+            # inference: the logits into a pooled buffer (out= has no autograd)
+            y = MAPS.empty((x.shape[0], conv.out_channels, *x.shape[2:]), x, torch.contiguous_format).flatten(2)
         if conv.bias is None:
-            y = torch.bmm(weight, flat)
+            y = torch.bmm(weight, flat, out=y)
         else:
-            y = torch.baddbmm(conv.bias.view(1, -1, 1).expand(x.shape[0], -1, 1), weight, flat)
+            y = torch.baddbmm(conv.bias.view(1, -1, 1).expand(x.shape[0], -1, 1), weight, flat, out=y)
         return y.view(x.shape[0], -1, *x.shape[2:])
 
 

@@ -7,7 +7,8 @@ one by one: each norm writes its output in one multiply-add (statistics first, i
 and the residual sum go into one buffer, and the backward takes the activation's gradient once for both branches,
 runs the norms' backward in place, and adds the 1x1x1 projection's input gradient into the 3x3x3 convolution's
 (one GEMM, no separate sum). The saved tensors are the layers' own (input, the convolutions' outputs, the block's
-output); the arithmetic is that of ``backbones.norms3d`` (exact in fp32).
+output); the arithmetic is that of ``backbones.norms3d`` (exact in fp32). The maps the block writes itself come
+from ``tasks.medical_buffers.MAPS``, resident from the step before, instead of fresh page-faulting memory.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from torch.autograd.function import once_differentiable
 from backbones.norms3d import (
     InstanceNormAct, channels_first, mean_rstd, norm_backward, normalize_into, scale_shift, spatial_last,
 )
+
+from .medical_buffers import MAPS
 
 
 def channels_last_view(x: torch.Tensor) -> torch.Tensor:
@@ -39,13 +42,13 @@ def _weight_parts(conv: nn.Conv3d, xs: list[torch.Tensor]) -> list[torch.Tensor]
 
 
 def conv_forward(conv: nn.Conv3d, xs: list[torch.Tensor]) -> torch.Tensor:
-    """``conv(torch.cat(xs, 1))`` without autograd and without the concatenation, channels-last: a 1x1x1
-    convolution as GEMMs over the ``[B, N, C]`` views, any other as oneDNN's kernel, each further part added into
-    the first's output by oneDNN (PyTorch would pick its slower native kernel for a 1-channel batch-1 input)."""
+    """``conv(torch.cat(xs, 1))`` without autograd and without the concatenation, channels-last, into a map of
+    ``MAPS``: a 1x1x1 convolution as GEMMs over the ``[B, N, C]`` views, any other as oneDNN's kernel adding each
+    part's convolution into the zeroed map (PyTorch would pick its slower native kernel for a 1-channel batch-1
+    input; zeroing a resident map costs ~4 ms at 16x96³, a fresh map's page faults ~20)."""
     ws = _weight_parts(conv, xs)
     if conv.kernel_size == (1, 1, 1):
-        out = torch.empty((xs[0].shape[0], conv.out_channels, *xs[0].shape[2:]), dtype=xs[0].dtype,
-                          device=xs[0].device, memory_format=torch.channels_last_3d)
+        out = MAPS.empty((xs[0].shape[0], conv.out_channels, *xs[0].shape[2:]), xs[0])
         ov = spatial_last(out).flatten(0, 1)  # [B*N, C_out], a view
         for i, (x, w) in enumerate(zip(xs, ws)):
             xv, wt = spatial_last(x).flatten(0, 1), w.flatten(1).T
@@ -57,12 +60,20 @@ def conv_forward(conv: nn.Conv3d, xs: list[torch.Tensor]) -> torch.Tensor:
                 torch.addmm(conv.bias, xv, wt, out=ov)
         return out
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-    out = torch.ops.mkldnn._convolution_pointwise(
-        channels_last_view(xs[0]), ws[0].contiguous(), conv.bias, *args, "none", [], "")
-    for x, w in zip(xs[1:], ws[1:]):
+    out = MAPS.empty((xs[0].shape[0], conv.out_channels, *_conv_out_size(conv, xs[0])), xs[0]).zero_()
+    for i, (x, w) in enumerate(zip(xs, ws)):
         torch.ops.mkldnn._convolution_pointwise_.binary(
-            out, channels_last_view(x), w.contiguous(), None, *args, "add", None, None, [], None)
+            out, channels_last_view(x), w.contiguous(), conv.bias if i == 0 else None, *args, "add", None, None,
+            [], None)
     return out
+
+
+def _conv_out_size(conv: nn.Conv3d, x: torch.Tensor) -> list[int]:
+    """The spatial size of ``conv(x)``."""
+    return [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, p, s, d in zip(x.shape[2:], conv.kernel_size, conv.padding, conv.stride, conv.dilation)
+    ]
 
 
 def conv_backward(conv: nn.Conv3d, grad: torch.Tensor, xs: list[torch.Tensor], input_grad: bool,
@@ -124,7 +135,7 @@ def _norm_act(norm: InstanceNormAct, x: torch.Tensor, inplace: bool) -> tuple[to
     output and the statistics."""
     xv = spatial_last(x)
     mean, rstd = mean_rstd(xv, norm.eps)
-    out = x if inplace else torch.empty_like(x)
+    out = x if inplace else MAPS.empty_like(x)
     normalize_into(xv if inplace else spatial_last(out), xv, mean, rstd, norm.weight, norm.bias)
     if norm.negative_slope != 1.0:
         F.leaky_relu_(out, norm.negative_slope)
@@ -149,7 +160,7 @@ def res_block_forward(block: nn.Module, xs: list[torch.Tensor], keep: bool) -> t
         shift2 = shift2 + shift3
     elif len(xs) > 1:
         raise ValueError("res_block_forward: an identity residual takes one input")
-    out = torch.empty_like(h2) if keep else h2
+    out = MAPS.empty_like(h2) if keep else h2
     outv = spatial_last(out)
     torch.addcmul(shift2, h2v, scale2, out=outv)
     if h3 is None:
@@ -185,11 +196,12 @@ class ResBlockFunction(torch.autograd.Function):
         block, need = ctx.block, ctx.needs_input_grad
         x, skip, out, h1, a1, mean1, rstd1, h2, mean2, rstd2, h3, mean3, rstd3 = ctx.saved_tensors
         xs, input_grad = [x] if skip is None else [x, skip], need[1] or need[2]
-        gz = torch.empty_like(out)  # both branches' gradient, channels-last whatever the layout of grad
+        gz = MAPS.empty_like(out)  # both branches' gradient, channels-last whatever the layout of grad
         torch.ops.aten.leaky_relu_backward.grad_input(grad, out, block.negative_slope, True, grad_input=gz)
         gzv = spatial_last(gz)
         if h3 is not None:  # the projection's norm first: the main branch's then overwrites gz
-            gh3, sxh3, sg3 = norm_backward(gzv, spatial_last(h3), mean3, rstd3, block.norm3.weight, inplace=False)
+            gh3, sxh3, sg3 = norm_backward(gzv, spatial_last(h3), mean3, rstd3, block.norm3.weight, inplace=False,
+                                           out=spatial_last(MAPS.empty_like(h3)))
         gh2, sxh2, sg2 = norm_backward(gzv, spatial_last(h2), mean2, rstd2, block.norm2.weight, inplace=h3 is not None)
         (ga1,), gw2, gb2 = conv_backward(block.conv2.conv, channels_first(gh2, h2), [a1], input_grad=True)
         if block.norm1.negative_slope != 1.0:
