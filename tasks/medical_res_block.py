@@ -113,20 +113,26 @@ def conv_backward(conv: nn.Conv3d, grad: torch.Tensor, xs: list[torch.Tensor], i
     return gxs, torch.cat(gws, 1) if len(gws) > 1 else gws[0], gb
 
 
-def single_channel_weight_grad(grad: torch.Tensor, x: torch.Tensor, conv: nn.Conv3d, depth: int = 16) -> torch.Tensor:
+def single_channel_weight_grad(grad: torch.Tensor, x: torch.Tensor, conv: nn.Conv3d, depth: int = 8) -> torch.Tensor:
     """The weight gradient of a 'same' convolution of a 1-channel volume (UNETR's first layer) as GEMMs of the
     channels-last gradient with the input's patches, built a few depth slices at a time (cache-sized, no
-    volume-sized im2col buffer: 2x faster than PyTorch's native batch-1 kernel at 96³)."""
+    volume-sized im2col buffer: 2x faster than PyTorch's native batch-1 kernel at 96³). The patches are laid out
+    one kernel offset per row, each row one copy of a shifted block of the volume (contiguous runs; the
+    patch-per-row layout of ``unfold`` made it a gather 2.7x slower)."""
     k, p = conv.kernel_size, conv.padding
-    out = grad.new_zeros(conv.out_channels, k[0] * k[1] * k[2])
+    taps, (d, h, w) = k[0] * k[1] * k[2], x.shape[2:]
+    out = grad.new_zeros(conv.out_channels, taps)
+    patches = x.new_empty(taps, min(depth, d), h, w)  # [kd kh kw, d, H, W]
+    offsets = [(a, b, c) for a in range(k[0]) for b in range(k[1]) for c in range(k[2])]
     for g, v in zip(grad, x[:, 0]):
         gv = g.movedim(0, -1)  # [D, H, W, C_out], contiguous for a channels-last gradient
         padded = F.pad(v, (p[2], p[2], p[1], p[1], p[0], p[0]))
-        for d0 in range(0, v.shape[0], depth):
-            d1 = min(v.shape[0], d0 + depth)
-            # [d, H, W, kd, kh, kw]: each output position's input patch
-            patches = padded[d0 : d1 + 2 * p[0]].unfold(0, k[0], 1).unfold(1, k[1], 1).unfold(2, k[2], 1)
-            out.addmm_(gv[d0:d1].reshape(-1, conv.out_channels).T, patches.reshape(-1, out.shape[1]))
+        for d0 in range(0, d, depth):
+            d1 = min(d, d0 + depth)
+            block = patches[:, : d1 - d0]
+            for row, (a, b, c) in zip(block, offsets):
+                row.copy_(padded[d0 + a : d1 + a, b : b + h, c : c + w])
+            out.addmm_(gv[d0:d1].reshape(-1, conv.out_channels).T, block.reshape(taps, -1).T)
     return out.view_as(conv.weight)
 
 
