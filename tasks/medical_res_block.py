@@ -100,17 +100,37 @@ def conv_backward(conv: nn.Conv3d, grad: torch.Tensor, xs: list[torch.Tensor], i
         gb = grad.sum((0, 2, 3, 4)) if conv.bias is not None else None
         return [None], single_channel_weight_grad(grad, xs[0], conv), gb
     gws, gb = [], None
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    flipped = input_grad and _same_size(conv)
     for i, (x, w, acc) in enumerate(zip(xs, ws, accumulate)):
         bias = i == 0 and conv.bias is not None
-        gx, gw, gb_i = torch.ops.aten.convolution_backward(
+        gx = None
+        if flipped:  # the input gradient as the convolution of ``grad`` with the flipped, transposed kernel (oneDNN's
+            # backward-data arithmetic), added into ``acc`` or into a zeroed pooled map instead of a fresh one
+            into = acc if acc is not None and acc.is_contiguous(memory_format=torch.channels_last_3d) else None
+            gx = MAPS.empty(x.shape, x).zero_() if into is None else into
+            torch.ops.mkldnn._convolution_pointwise_.binary(
+                gx, grad, w.flip(2, 3, 4).transpose(0, 1).contiguous(), None, *args, "add", None, None, [], None)
+            gx = acc.add_(gx) if acc is not None and into is None else gx
+        gx_aten, gw, gb_i = torch.ops.aten.convolution_backward(
             grad, channels_last_view(x), w.contiguous(), [conv.out_channels] if bias else None,
             list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0, 0], conv.groups,
-            [input_grad, True, bias],
+            [input_grad and not flipped, True, bias],
         )
-        gxs.append(acc.add_(gx) if acc is not None and gx is not None else gx)
+        if gx_aten is not None:
+            gx = acc.add_(gx_aten) if acc is not None else gx_aten
+        gxs.append(gx)
         gws.append(gw)
         gb = gb_i if bias else gb
     return gxs, torch.cat(gws, 1) if len(gws) > 1 else gws[0], gb
+
+
+def _same_size(conv: nn.Conv3d) -> bool:
+    """A convolution of stride 1 without groups or dilation whose zero padding keeps the size (odd kernel)."""
+    return (
+        conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1) and conv.groups == 1
+        and all(k % 2 == 1 and p == k // 2 for k, p in zip(conv.kernel_size, conv.padding))
+    )
 
 
 def single_channel_weight_grad(grad: torch.Tensor, x: torch.Tensor, conv: nn.Conv3d, depth: int = 8) -> torch.Tensor:
