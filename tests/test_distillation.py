@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from cli_runs import TINY_VIT, read_metrics, run_task, write_shapes
 
 from datamodules.classification import ClassificationDataModule
-from tasks.classification import ClassificationModule
+from tasks.classification import ClassificationModule, build_teacher
 from tasks.distillation import distillation_loss
 
 TINY = {"img_size": 32, "depth": 1, "embed_dim": 48, "num_heads": 2}
@@ -109,6 +109,25 @@ def test_soft_distillation_is_deits_kl() -> None:
     tau = 3.0
     reference = (F.softmax(t / tau, -1) * (F.log_softmax(t / tau, -1) - F.log_softmax(s / tau, -1))).sum() * tau**2 / s.numel()
     torch.testing.assert_close(distillation_loss(s, t, "soft", tau), reference)
+
+
+def test_a_teacher_pools_as_its_checkpoint_was_trained(tmp_path: Path) -> None:
+    """A dense ViT trained with ``pool: avg`` (the DynamicViT CPU recipe's teacher) gives its own logits as a teacher,
+    not its head applied to the class token (which cost the real one 21 points of val top-1)."""
+    torch.manual_seed(2)
+    dense = ClassificationModule(backbone="vit_tiny_patch16", backbone_kwargs=TINY, num_classes=3, pool="avg").eval()
+    path = tmp_path / "dense.ckpt"  # what Lightning saves: the weights and the run's hyperparameters
+    torch.save({"state_dict": dense.state_dict(), "hyper_parameters": dict(dense.hparams)}, path)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = dense(x)
+    teacher = build_teacher("vit_tiny_patch16", num_classes=3, pretrained=str(path), kwargs=TINY)
+    assert teacher.network.head.pool == "avg"
+    torch.testing.assert_close(teacher(x), expected)
+    told = ClassificationModule(backbone="vit_tiny_patch16", backbone_kwargs=TINY, num_classes=3, teacher="vit_tiny_patch16",
+                                teacher_kwargs=TINY, teacher_pretrained=str(path), teacher_pool="cls", distillation="soft")
+    assert told.teacher.network.head.pool == "cls"  # an explicit teacher_pool wins
+    assert not torch.allclose(told.teacher(x), expected)
 
 
 @pytest.mark.parametrize(
