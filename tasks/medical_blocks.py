@@ -14,15 +14,18 @@ directly and training convolves the volume's two depth halves as a batch of two,
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrUpBlock
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from backbones.conv_fusion import onednn_usable
-from backbones.norms3d import InstanceNormAct, is_tracing
+from backbones.norms3d import InstanceNormAct, is_tracing, spatial_last
 
 from .medical_buffers import MAPS
 from .medical_res_block import fused_res_block
@@ -197,16 +200,54 @@ class FusedOutBlock(nn.Module):
             or not x.is_contiguous(memory_format=torch.channels_last_3d)
         ):
             return pointwise(conv, x)
-        flat, weight = x.flatten(2), conv.weight.flatten(1).expand(x.shape[0], -1, -1)  # [B, C, N]: a view
-        y = None
-        if not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)):
-            # inference: the logits into a pooled buffer (out= has no autograd)
-            y = MAPS.empty((x.shape[0], conv.out_channels, *x.shape[2:]), x, torch.contiguous_format).flatten(2)
-        if conv.bias is None:
-            y = torch.bmm(weight, flat, out=y)
-        else:
-            y = torch.baddbmm(conv.bias.view(1, -1, 1).expand(x.shape[0], -1, 1), weight, flat, out=y)
-        return y.view(x.shape[0], -1, *x.shape[2:])
+        if x.device.type != "cpu" or torch.is_autocast_enabled(x.device.type):  # autograd's bmm, in autocast's dtypes
+            flat, weight = x.flatten(2), conv.weight.flatten(1).expand(x.shape[0], -1, -1)  # [B, C, N]: a view
+            if conv.bias is None:
+                return torch.bmm(weight, flat).view(x.shape[0], -1, *x.shape[2:])
+            bias = conv.bias.view(1, -1, 1).expand(x.shape[0], -1, 1)
+            return torch.baddbmm(bias, weight, flat).view(x.shape[0], -1, *x.shape[2:])
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())):
+            return OutConvFunction.apply(x, conv.weight, conv.bias)
+        return _logits(x, conv.weight, conv.bias)
+
+
+def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``W @ X + b`` over the channels-last ``x`` read as ``[B, C, N]``, into a pooled NCDHW map."""
+    flat, w = x.flatten(2), weight.flatten(1).expand(x.shape[0], -1, -1)  # [B, C, N]: a view
+    y = MAPS.empty((x.shape[0], weight.shape[0], *x.shape[2:]), x, torch.contiguous_format)
+    if bias is None:
+        torch.bmm(w, flat, out=y.flatten(2))
+    else:
+        torch.baddbmm(bias.view(1, -1, 1).expand(x.shape[0], -1, 1), w, flat, out=y.flatten(2))
+    return y
+
+
+class OutConvFunction(torch.autograd.Function):
+    """``FusedOutBlock``'s matrix product with its backward written out, so that the input's gradient comes back
+    channels-last like the input (``G^T @ W`` per sample, into a pooled map): autograd's ``bmm`` backward returns
+    it in NCDHW order, and the decoder's next backward step then reads two layouts at once (15x slower than one)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _logits(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(grad.shape[0], grad.shape[1], -1)  # [B, K, N]
+        w = weight.flatten(1)  # [K, C]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = MAPS.empty(x.shape, x)  # channels-last, as x
+            torch.bmm(g.transpose(1, 2), w.expand(x.shape[0], -1, -1), out=spatial_last(gx))
+        if ctx.needs_input_grad[1]:
+            gw = torch.bmm(g, spatial_last(x)).sum(0).view_as(weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum((0, 2))
+        return gx, gw, gb
 
 
 class FusedUpBlock(nn.Module):

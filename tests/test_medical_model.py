@@ -194,6 +194,29 @@ def test_channels_last_decoder_keeps_names_outputs_and_gradients():
         torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-3, msg=name)
 
 
+def test_output_block_returns_a_channels_last_input_gradient():
+    from monai.networks.blocks import UnetOutBlock
+
+    from tasks.medical_blocks import FusedOutBlock
+
+    torch.manual_seed(0)
+    ref = UnetOutBlock(3, 16, 5)
+    fused = FusedOutBlock(UnetOutBlock(3, 16, 5))
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 16, 6, 7, 8).contiguous(memory_format=torch.channels_last_3d)
+    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_fused = ref(x_ref), fused(x_fused)
+    assert out_fused.is_contiguous()  # NCDHW logits for the loss
+    torch.testing.assert_close(out_fused, out_ref)
+    grad = torch.randn_like(out_ref)
+    expected = torch.autograd.grad(out_ref, [x_ref, *ref.parameters()], grad)
+    got = torch.autograd.grad(out_fused, [x_fused, *fused.parameters()], grad)
+    # the next block's backward reads it with its own channels-last maps: one layout, no strided pass
+    assert got[0].is_contiguous(memory_format=torch.channels_last_3d)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
 def test_batch_one_convolution_as_two_halves_equals_the_convolution():
     from tasks.medical_blocks import pointwise
 
