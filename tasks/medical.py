@@ -26,6 +26,7 @@ from torchmetrics import MetricCollection
 
 from backbones.base import FeatureInfo
 from backbones.norms3d import is_tracing
+from backbones.onednn_linear import use_onednn_linears
 from backbones.vit import VisionTransformer
 from datamodules.io import atomic_write
 
@@ -195,6 +196,7 @@ class MedicalSegmentationModule(TaskModule):
         self.head.to(memory_format=self.memory_format)
         if channels_last:
             fuse_decoder_blocks(self.head)
+        use_onednn_linears(self.backbone)  # the encoder's products in oneDNN on a CPU: 2x MKL's on AMD processors
         self._spacing: torch.Tensor | None = None
         self._target: torch.Tensor | None = None  # the evaluated volumes' labels, for the loss streamed while stitching
         self._volume_loss: torch.Tensor | None = None

@@ -1,0 +1,42 @@
+"""Linear layers in oneDNN: the same function, gradients and parameter names as ``nn.Linear``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from backbones.onednn_linear import OneDnnLinear, use_onednn_linears
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_equals_linear_in_float64_forward_and_backward(bias):
+    torch.manual_seed(0)
+    ref = nn.Linear(24, 40, bias=bias).double()
+    model = use_onednn_linears(nn.Sequential(nn.Linear(24, 40, bias=bias)))
+    assert type(model[0]) is OneDnnLinear
+    assert list(model.state_dict()) == [f"0.{k}" for k in ref.state_dict()]
+    model.load_state_dict({f"0.{k}": v.float() for k, v in ref.state_dict().items()})
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    x64, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
+    y64, y32 = ref(x64), model(x32)
+    assert y32.shape == y64.shape and (y32 - y64).abs().max() <= 1e-5
+    with torch.no_grad():
+        assert (model(x.float()) - y64).abs().max() <= 1e-5
+    grad = torch.randn_like(y64)
+    # a gradient that is not contiguous, as attention's reshapes hand back
+    grad32 = grad.float().transpose(0, 1).contiguous().transpose(0, 1)
+    for a, b in zip(torch.autograd.grad(y64, [x64, *ref.parameters()], grad),
+                    torch.autograd.grad(y32, [x32, *model.parameters()], grad32)):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
+
+
+def test_unetr_encoder_runs_its_linears_in_onednn():
+    from tasks.medical import MedicalSegmentationModule
+
+    module = MedicalSegmentationModule(
+        backbone="unetr_vit_base", num_classes=3, feature_size=8,
+        backbone_kwargs=dict(img_size=32, embed_dim=48, depth=4, num_heads=2, out_indices=[0, 1, 2, 3]),
+    )
+    linears = [m for m in module.backbone.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is OneDnnLinear for m in linears)
