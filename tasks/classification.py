@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from backbones import Backbone, create_backbone
 from backbones.base import AuxiliaryLoss, PoolType
+from backbones.onednn_linear import use_onednn_linears
 from backbones.token_pruning import DynamicViT
 
 from .cli import run_cli
@@ -212,7 +213,7 @@ def build_teacher(
             load_pretrained(network, pretrained, state=state)
     if not pretrained:
         rank_zero_warn(f"the teacher {name!r} has no teacher_pretrained file: it distils its random initial weights")
-    return FrozenTeacher(network)
+    return FrozenTeacher(use_onednn_linears(network))
 
 
 class ClassificationModule(TaskModule):

@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from backbones import Backbone, create_backbone
 from backbones.base import AuxiliaryLoss, AuxiliaryLossSource
+from backbones.onednn_linear import use_onednn_linears
 from datamodules.common import TaskDataModule
 
 from .distributed import shard_task_module
@@ -117,6 +118,9 @@ class TaskModule(L.LightningModule):
         self.class_names: list[str] | None = list(class_names) if class_names else None
         self.backbone: Backbone = create_backbone(backbone, **(backbone_kwargs or {}))
         self.head: nn.Module = self.build_head()
+        # the linear layers' products in oneDNN on a CPU (2x MKL's on AMD processors; F.linear elsewhere)
+        use_onednn_linears(self.backbone)
+        use_onednn_linears(self.head)
         self.backbone.set_activation_checkpointing(activation_checkpointing)
         if pretrained:
             from backbones.weights import load_pretrained

@@ -40,3 +40,19 @@ def test_unetr_encoder_runs_its_linears_in_onednn():
     )
     linears = [m for m in module.backbone.modules() if isinstance(m, nn.Linear)]
     assert linears and all(type(m) is OneDnnLinear for m in linears)
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_every_task_runs_its_linears_in_onednn(task):
+    """The swap is made once for all tasks (``TaskModule``): the backbone's and the head's linear layers."""
+    if task == "classification":
+        from tasks.classification import ClassificationModule as Module
+
+        kwargs = dict(backbone="vit_tiny_patch16", backbone_kwargs=dict(img_size=32, depth=2))
+    else:
+        from tasks.segmentation import SegmentationModule as Module
+
+        kwargs = dict(backbone="mit_b0")
+    module = Module(num_classes=3, **kwargs)
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is OneDnnLinear for m in linears)
