@@ -26,13 +26,13 @@ from torchmetrics import MetricCollection
 
 from backbones.base import FeatureInfo
 from backbones.norms3d import is_tracing
-from backbones.onednn_linear import use_onednn_linears
 from backbones.vit import VisionTransformer
 from datamodules.io import atomic_write
 
 from . import medical_head_weights  # noqa: F401  (registers the decoder key map of MONAI UNETR files)
 from .cli import TaskCLI, run_cli
 from .medical_blocks import fuse_decoder_blocks
+from .medical_buffers import MAPS
 from .medical_metrics import VolumeMetric, volume_metrics
 from .module import Stage, TaskModule
 from .picture_makers import MedicalPictures
@@ -196,7 +196,6 @@ class MedicalSegmentationModule(TaskModule):
         self.head.to(memory_format=self.memory_format)
         if channels_last:
             fuse_decoder_blocks(self.head)
-        use_onednn_linears(self.backbone)  # the encoder's products in oneDNN on a CPU: 2x MKL's on AMD processors
         self._spacing: torch.Tensor | None = None
         self._target: torch.Tensor | None = None  # the evaluated volumes' labels, for the loss streamed while stitching
         self._volume_loss: torch.Tensor | None = None
@@ -297,6 +296,11 @@ class MedicalSegmentationModule(TaskModule):
         return labels.labels[:, None], None if loss is None else loss.compute()
 
     # --- predict -------------------------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        # the training step's pooled decoder maps (tasks/medical_buffers.py) would otherwise sit beside the first
+        # window batch's stitching state; the sliding window drops the pool after every batch from then on
+        MAPS.clear()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """One row per volume: its predicted ``label`` volume ``[1, D, H, W]`` on the preprocessed grid with that grid's

@@ -83,3 +83,17 @@ def test_fused_block_gradients_do_not_depend_on_other_live_graphs(small_maps):
         again = block(xs[1])  # the first output is still held: written elsewhere
         torch.testing.assert_close(kept, outs[0].detach())
         torch.testing.assert_close(again, outs[1].detach())
+
+
+def test_validation_starts_without_the_training_steps_pooled_maps(small_maps):
+    """A fit's validation does not carry the training step's maps into its first window batch."""
+    from tasks.medical import MedicalSegmentationModule
+
+    module = MedicalSegmentationModule(
+        backbone="unetr_vit_base", num_classes=2, feature_size=4,
+        backbone_kwargs=dict(img_size=16, embed_dim=24, depth=4, num_heads=2, out_indices=[0, 1, 2, 3]),
+    )
+    module(torch.randn(1, 1, 16, 16, 16)).sum().backward()
+    assert len(medical_buffers.MAPS) > 0
+    module.on_validation_epoch_start()
+    assert len(medical_buffers.MAPS) == 0
