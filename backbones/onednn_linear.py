@@ -31,18 +31,18 @@ class OneDnnLinearFunction(torch.autograd.Function):
     """``F.linear`` with each matrix product in oneDNN."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    def forward(ctx: Any, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # 2-D in and out: an output that is a view made inside the function could not be modified in place later
         ctx.save_for_backward(x2, weight)
-        ctx.has_bias, ctx.shape = bias is not None, x.shape
-        return _matmul(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        ctx.has_bias = bias is not None
+        return _matmul(x2, weight, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # [M, N]
-        gx = _matmul(g, weight.t(), None).view(ctx.shape) if ctx.needs_input_grad[0] else None  # G @ W
+        gx = _matmul(g, weight.t(), None) if ctx.needs_input_grad[0] else None  # G @ W
         gw = _matmul(g.t(), x2.t(), None) if ctx.needs_input_grad[1] else None  # G^T @ X, [N, K]
         gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
@@ -63,8 +63,10 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if not onednn_usable_for(x, weight):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias is not None and bias.requires_grad):
-        return OneDnnLinearFunction.apply(x, weight, bias)
-    return _matmul(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+        out = OneDnnLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    else:
+        out = _matmul(x.reshape(-1, x.shape[-1]), weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class OneDnnLinear(nn.Linear):

@@ -16,6 +16,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from backbones.mix_transformer import map_to_tokens, tokens_to_map
+from backbones.onednn_linear import onednn_linear
 
 from . import segmentation_head_weights  # noqa: F401  (registers the decoder key maps of SegFormer files)
 from .cli import TaskCLI, run_cli
@@ -70,7 +71,7 @@ class SegFormerHead(nn.Module):
         fuse = self.fuse.weight.flatten(1).split(self.embed_dim, dim=1)[::-1]  # per map, shallow to deep: [E, E]
         x = None
         for f, linear, w in zip(features, self.linear, fuse):
-            y = F.linear(map_to_tokens(f), w @ linear.weight, w @ linear.bias)  # [B, h*w, E]
+            y = onednn_linear(map_to_tokens(f), w @ linear.weight, w @ linear.bias)  # [B, h*w, E]
             y = self._resize(tokens_to_map(y, f.shape[2:]), size)
             x = y if x is None else x.add_(y)  # in place: large CPU buffers are costly to allocate
         tokens = map_to_tokens(self.act(self.norm(x)))  # [B, h*w, E]
@@ -80,7 +81,7 @@ class SegFormerHead(nn.Module):
             keep = tokens.new_empty(tokens.shape[0], 1, tokens.shape[2]).bernoulli_(1 - self.dropout) / (1 - self.dropout)
             logits = torch.bmm(tokens, (weight * keep).transpose(1, 2)) + bias  # [B, h*w, K]
         else:
-            logits = F.linear(tokens, weight, bias)
+            logits = onednn_linear(tokens, weight, bias)
         return tokens_to_map(logits, size).contiguous()  # [B, K, h, w]
 
     @staticmethod

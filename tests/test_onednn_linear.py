@@ -56,3 +56,19 @@ def test_every_task_runs_its_linears_in_onednn(task):
     module = Module(num_classes=3, **kwargs)
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     assert linears and all(type(m) is OneDnnLinear for m in linears)
+
+
+def test_onednn_linear_output_can_be_modified_in_place_in_training():
+    """SegFormer's head adds the upsampled maps into the first projection's output (a permuted view of it)."""
+    from backbones.onednn_linear import onednn_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 8, requires_grad=True)
+    weight = torch.randn(5, 8, requires_grad=True)
+    results = []
+    for linear in (onednn_linear, torch.nn.functional.linear):
+        y = linear(x, weight, None).transpose(1, 2)
+        y.mul_(2.0)
+        results.append((y.detach(), *torch.autograd.grad(y.square().sum(), [x, weight])))
+    for a, b in zip(*results):
+        assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max().item())
