@@ -51,10 +51,11 @@ class OneDnnLinearFunction(torch.autograd.Function):
 def onednn_usable_for(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``onednn_linear`` runs oneDNN on these tensors (fp32 CPU, oneDNN built and enabled, eager mode)."""
     return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() >= 2
+        not is_tracing()  # first: a compiler then reads nothing else (the checks below would break its graph)
+        and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() >= 2
         and x.shape[-1] == weight.shape[1] and x.numel() > 0
         and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-        and not torch.is_autocast_enabled("cpu") and not is_tracing() and not is_in_torch_dispatch_mode()
+        and not torch.is_autocast_enabled("cpu") and not is_in_torch_dispatch_mode()
     )
 
 

@@ -72,3 +72,13 @@ def test_onednn_linear_output_can_be_modified_in_place_in_training():
         results.append((y.detach(), *torch.autograd.grad(y.square().sum(), [x, weight])))
     for a, b in zip(*results):
         assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max().item())
+
+
+def test_a_compiled_onednn_linear_is_one_graph():
+    """Under ``torch.compile`` the layer is plain ``F.linear``, traced without a graph break (a break per layer
+    made SegFormer recompile on every train/eval switch until dynamo gave up)."""
+    torch.manual_seed(0)
+    layer = use_onednn_linears(nn.Sequential(nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 4)))
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    x = torch.randn(3, 5, 8)
+    assert (compiled(x) - layer(x)).abs().max() <= 1e-5
