@@ -40,11 +40,10 @@ class OneDnnLinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])  # [M, N]
-        gx = _matmul(g, weight.t(), None) if ctx.needs_input_grad[0] else None  # G @ W
-        gw = _matmul(g.t(), x2.t(), None) if ctx.needs_input_grad[1] else None  # G^T @ X, [N, K]
-        gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        x2, weight = ctx.saved_tensors  # grad: [M, N], as the output
+        gx = _matmul(grad, weight.t(), None) if ctx.needs_input_grad[0] else None  # G @ W
+        gw = _matmul(grad.t(), x2.t(), None) if ctx.needs_input_grad[1] else None  # G^T @ X, [N, K]
+        gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
 

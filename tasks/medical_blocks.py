@@ -201,24 +201,26 @@ class FusedOutBlock(nn.Module):
         ):
             return pointwise(conv, x)
         if x.device.type != "cpu" or torch.is_autocast_enabled(x.device.type):  # autograd's bmm, in autocast's dtypes
-            flat, weight = x.flatten(2), conv.weight.flatten(1).expand(x.shape[0], -1, -1)  # [B, C, N]: a view
-            if conv.bias is None:
-                return torch.bmm(weight, flat).view(x.shape[0], -1, *x.shape[2:])
-            bias = conv.bias.view(1, -1, 1).expand(x.shape[0], -1, 1)
-            return torch.baddbmm(bias, weight, flat).view(x.shape[0], -1, *x.shape[2:])
+            return _product(x, conv.weight, conv.bias).view(x.shape[0], -1, *x.shape[2:])
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())):
             return OutConvFunction.apply(x, conv.weight, conv.bias)
         return _logits(x, conv.weight, conv.bias)
 
 
-def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``W @ X + b`` over the channels-last ``x`` read as ``[B, C, N]``, into a pooled NCDHW map."""
-    flat, w = x.flatten(2), weight.flatten(1).expand(x.shape[0], -1, -1)  # [B, C, N]: a view
-    y = MAPS.empty((x.shape[0], weight.shape[0], *x.shape[2:]), x, torch.contiguous_format)
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """``W @ X + b`` per sample over the channels-last ``x`` read as ``[B, C, N]`` (a view), ``[B, K, N]``; into
+    ``out`` where given (not differentiable then)."""
+    flat, w = x.flatten(2), weight.flatten(1).expand(x.shape[0], -1, -1)
     if bias is None:
-        torch.bmm(w, flat, out=y.flatten(2))
-    else:
-        torch.baddbmm(bias.view(1, -1, 1).expand(x.shape[0], -1, 1), w, flat, out=y.flatten(2))
+        return torch.bmm(w, flat, out=out)
+    return torch.baddbmm(bias.view(1, -1, 1).expand(x.shape[0], -1, 1), w, flat, out=out)
+
+
+def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``_product`` into a pooled NCDHW map."""
+    y = MAPS.empty((x.shape[0], weight.shape[0], *x.shape[2:]), x, torch.contiguous_format)
+    _product(x, weight, bias, out=y.flatten(2))
     return y
 
 
