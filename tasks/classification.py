@@ -180,7 +180,10 @@ def saved_pool(path: str | None) -> PoolType | None:
     file = Path(path) if path else None
     if file is None or not file.is_file() or file.suffix in (".safetensors", ".npz"):
         return None
-    obj = torch.load(file, map_location="cpu", weights_only=True)
+    try:  # mapped: only the pickle is read, the tensors (read_checkpoint already has them) stay on disk
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be mapped
+        obj = torch.load(file, map_location="cpu", weights_only=True)
     hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
     return hparams.get("pool") if isinstance(hparams, dict) else None
 
@@ -208,7 +211,7 @@ def build_teacher(
                 raise ValueError(f"teacher checkpoint {pretrained} does not fit timm model {name!r}: {err}") from err
     else:
         backbone = create_backbone(name, **(kwargs or {}))
-        network = Classifier(backbone, classification_head(backbone, num_classes, pool or saved_pool(pretrained)))
+        network = Classifier(backbone, classification_head(backbone, num_classes, pool or (saved_pool(pretrained) if ours else None)))
         if pretrained:
             load_pretrained(network, pretrained, state=state)
     if not pretrained:
