@@ -6,8 +6,8 @@ from .base import Backbone, FeatureInfo
 from .registry import build_preset, create_backbone, list_backbones, register
 
 from . import vit  # noqa: E402,F401  (registers the presets)
-from . import hf_weights, timesformer_weights  # noqa: E402,F401  (transformers' ViT, DeiT and TimeSformer formats)
-from . import big_vision_weights  # noqa: E402,F401  (big_vision's .npz ViT checkpoint format)
+from .formats import hf, timesformer  # noqa: E402,F401  (transformers' ViT, DeiT and TimeSformer formats)
+from .formats import big_vision  # noqa: E402,F401  (big_vision's .npz ViT checkpoint format)
 from . import unetr  # noqa: E402,F401  (UNETR encoder preset, MONAI checkpoint format)
 from . import mix_transformer  # noqa: E402,F401
 from . import vit_resnas  # noqa: E402,F401  (ViT-ResNAS presets, release checkpoint format)

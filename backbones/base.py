@@ -83,11 +83,11 @@ class Backbone(AuxiliaryLossSource):
     - pooled features of the architecture's own head: ``forward_pooled`` (``has_pooled``);
     - auxiliary losses: ``add_auxiliary_loss`` / ``pop_auxiliary_losses`` (``AuxiliaryLossSource``);
     - dynamic networks: ``set_epoch``, ``sample_subnet`` / ``set_subnet`` (``is_dynamic``), called before every
-      training step by ``tasks.run_state.DynamicChoices`` with a generator seeded from ``(seed, epoch, batch)``;
+      training step by ``engine.run_state.DynamicChoices`` with a generator seeded from ``(seed, epoch, batch)``;
       ``training_passes`` when a step runs several sub-networks (the sandwich rule, ``SubnetPasses``);
     - training past one device's memory: ``set_activation_checkpointing`` (``supports_activation_checkpointing``),
       called by the task for ``activation_checkpointing: true``, and ``sharding_units``, the blocks FSDP shards one
-      by one (``tasks.distributed``).
+      by one (``engine.distributed``).
     """
 
     feature_info: list[FeatureInfo]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .base import Backbone, FeatureInfo
-from .conv_fusion import channels_last_input, to_channels_last
+from ops.conv_fusion import channels_last_input, to_channels_last
 from .efficientformer_v2_attention import AttentionDownsample, LocalGlobalQuery, TalkingHeadAttention
 from .efficientformer_v2_layers import ConvMlp, ConvNorm, LayerScale2d
 from .layers import DropPath, resample_pos_embed, to_tuple
@@ -337,4 +337,4 @@ def efficientformerv2_l(**kwargs: Any) -> EfficientFormerV2:
         kwargs, embed_dims=(40, 80, 192, 384), depths=(5, 5, 15, 10), attention_blocks=6, drop_path_rate=0.1,
         mlp_ratios=(4, 4, (4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4), (4, 4, 4, 3, 3, 3, 3, 4, 4, 4)),
     )
-from . import efficientformer_v2_weights  # noqa: E402,F401  (timm and release checkpoint formats)
+from .formats import efficientformer_v2 as efficientformer_v2_weights  # noqa: E402,F401  (timm and release checkpoint formats)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .conv_fusion import version
+from ops.conv_fusion import version
 from .efficientformer_v2_layers import ConvNorm
 from .layers import resample_pos_embed
 

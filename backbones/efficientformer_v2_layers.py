@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conv_fusion import conv_act, forget_packed
+from ops.conv_fusion import conv_act, forget_packed
 
 
 class ConvNorm(nn.Module):

@@ -290,4 +290,4 @@ def mit_b5(**kwargs: Any) -> MixTransformer:
     return _mit(kwargs, **_WIDE, depths=(3, 6, 40, 3))
 
 
-from . import segformer_weights  # noqa: E402,F401  (registers the MiT/SegFormer checkpoint formats)
+from .formats import segformer as segformer_weights  # noqa: E402,F401  (registers the MiT/SegFormer checkpoint formats)

@@ -1,10 +1,10 @@
 """UNETR's encoder as a preset of the shared ViT, and MONAI's UNETR/ViT checkpoints mapped onto ours.
 
 UNETR (Hatamizadeh et al., 2022) is a plain ViT over cubic 16³ patches whose blocks 3, 6, 9 and 12
-(0-based 3, 6, 9, 11) feed a convolutional decoder; the decoder lives in ``tasks/medical.py``. The
+(0-based 3, 6, 9, 11) feed a convolutional decoder; the decoder lives in ``heads/unetr.py``. The
 converter here reads ``monai.networks.nets.UNETR`` state dicts (and bare ``monai.networks.nets.ViT``
 ones) and renames the encoder into the ``backbone.`` namespace of ``backbones.weights``; the decoder's keys
-go on as ``foreign.`` ones, mapped onto ``UnetrDecoder`` by ``tasks/medical_head_weights.py``.
+go on as ``foreign.`` ones, mapped onto ``UnetrDecoder`` by ``heads/unetr_weights.py``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def convert_monai_unetr(state: StateDict) -> StateDict:
     out: StateDict = {}
     for key, value in state.items():
         if vit_prefix and not key.startswith(vit_prefix):
-            out["foreign." + key] = value  # the decoder: tasks/medical_head_weights.py maps it onto UnetrDecoder
+            out["foreign." + key] = value  # the decoder: heads/unetr_weights.py maps it onto UnetrDecoder
             continue
         name = key.removeprefix(vit_prefix)
         if name == "patch_embedding.position_embeddings":

@@ -379,4 +379,4 @@ def vit_resnas(**kwargs: Any) -> ViTResNAS:
     return vit_resnas_tiny(**kwargs)
 
 
-from . import vit_resnas_weights  # noqa: F401  (registers the release checkpoint format)
+from .formats import vit_resnas as vit_resnas_weights  # noqa: F401  (registers the release checkpoint format)

@@ -2,7 +2,7 @@
 
 Every format converter returns a state dict in one namespace: ``backbone.<our name>`` for encoder
 weights, ``head.<our name>`` for a classifier, and ``foreign.<the file's own name>`` for the rest of a full
-model (a decoder). The key maps of task heads live with the heads in ``tasks/`` and are registered per
+model (a decoder). The key maps of task heads live with the heads in ``heads/`` and are registered per
 format with ``register_head_map``; they turn ``foreign.`` keys into ``head.`` ones. ``load_pretrained`` puts
 the result into either a bare backbone (heads are skipped) or a task network with ``.backbone`` and ``.head``.
 Tensors whose shapes differ are handed to the owning module's ``adapt_checkpoint_tensor`` (position

@@ -1,4 +1,4 @@
-"""Few-shot feature extraction (``tasks.fewshot.extract_features``) against plain inference: the same model, the
+"""Few-shot feature extraction (``engine.fewshot.extract_features``) against plain inference: the same model, the
 same batches, the same batch size, timed interleaved in one process. Extraction must keep up (goal >= 0.95x).
 
 Plain inference is a forward pass per batch under ``torch.inference_mode``; extraction is what the CLI and the
@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.harness import bench_parser, parse_bench_args, write_section
 from tasks.classification import ClassificationModule
-from tasks.fewshot import extract_features
+from engine.fewshot import extract_features
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:

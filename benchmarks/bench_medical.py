@@ -29,7 +29,7 @@ from monai.networks.nets import UNETR
 from backbones.unetr import convert_monai_unetr
 from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
 from tasks.medical import MedicalSegmentationModule
-from tasks.medical_head_weights import monai_unetr_head
+from heads.unetr_weights import monai_unetr_head
 
 SW_MODEL = dict(img_size=96, embed_dim=192, depth=4, num_heads=3, out_indices=[0, 1, 2, 3])
 

@@ -1,5 +1,5 @@
 """Peak host memory of whole-volume inference on a large CT volume: MONAI's full stitching against the
-region-wise stitching of ``tasks/sliding_window.py``, each in a fresh process (``ru_maxrss``).
+region-wise stitching of ``engine/sliding_window.py``, each in a fresh process (``ru_maxrss``).
 
     python -m benchmarks.bench_medical_memory --results benchmarks/RESULTS.md
 
@@ -83,7 +83,7 @@ def child(mode: str, shape: tuple[int, int, int], overlap: float, sw_batch_size:
     from monai.inferers import sliding_window_inference
 
     from tasks.medical import MedicalSegmentationModule
-    from tasks.medical_metrics import volume_scores
+    from engine.volume_metrics import volume_scores
 
     torch.manual_seed(0)
     module = MedicalSegmentationModule(

@@ -67,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     """One configuration: ``args.devices`` processes under ``args.strategy``; each rank writes its figures."""
     import lightning as L
 
-    from tasks.distributed import FullyShardedStrategy
+    from engine.distributed import FullyShardedStrategy
 
     torch.set_num_threads(args.threads)
     baseline = rss_now()

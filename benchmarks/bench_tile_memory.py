@@ -1,5 +1,5 @@
 """Peak host memory of ``predict`` with sliding windows on a very large 2-D image (a 10 000 x 10 000 remote-sensing
-tile): ``SegmentationModule.predict_step`` with ``inference: slide`` stitches region by region (``tasks/sliding_window.py``),
+tile): ``SegmentationModule.predict_step`` with ``inference: slide`` stitches region by region (``engine/sliding_window.py``),
 so only the window grid's pending band of logits is alive, never the ``[num_classes, H, W]`` logits (60 GB at 150
 classes). Each run in a fresh process (``ru_maxrss``).
 

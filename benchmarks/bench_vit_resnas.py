@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from backbones import create_backbone
 from backbones.vit_resnas_supernet import ViTResNASSupernet
 from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
-from tasks.classification import ClassificationModule, Classifier, classification_head
+from heads.classification import Classifier, classification_head
+from tasks.classification import ClassificationModule
 
 
 def found_vs_deit(batch: int, size: int, steps: int, warmup: int) -> str:

@@ -12,8 +12,11 @@ reach 100%. The layout is the usual one for video lists: ``videos/{train,val}/<c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import gc
+import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +55,30 @@ def deforming_shape_clip(
     return np.stack(frames)
 
 
+_GC_LOCK = threading.Lock()
+_gc_pauses = 0
+
+
+@contextmanager
+def garbage_collection_paused() -> Iterator[None]:
+    """Collect garbage now and none until the block ends (re-entrant, from any thread). The encoders are ffmpeg
+    processes: a collection inside a forked child before it execs can free an object whose destructor waits on a
+    thread the child does not have (PyAV's video reformatter joins its slice threads), and the child hangs for ever."""
+    global _gc_pauses
+    with _GC_LOCK:
+        if _gc_pauses == 0:
+            gc.collect()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _gc_pauses -= 1
+            if _gc_pauses == 0:
+                gc.enable()
+
+
 def write_mp4(path: Path, frames: np.ndarray, fps: float = 8.0) -> None:
     """Encode ``[T, H, W, 3]`` uint8 frames (even sides) as H.264 (MPEG-4 part 2 if libx264 is unavailable)."""
     import imageio_ffmpeg
@@ -64,7 +91,8 @@ def write_mp4(path: Path, frames: np.ndarray, fps: float = 8.0) -> None:
                 str(path), (width, height), fps=fps, codec=codec, quality=9, macro_block_size=2,
                 ffmpeg_log_level="error",
             )
-            writer.send(None)
+            with garbage_collection_paused():  # the ffmpeg process starts here
+                writer.send(None)
             for frame in frames:
                 writer.send(np.ascontiguousarray(frame))
             writer.close()
@@ -83,6 +111,14 @@ def write_motion_videos(
     ``val.txt`` and ``classes.txt`` under ``root``."""
     rng = np.random.default_rng(seed)
     (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    with garbage_collection_paused():
+        _write_clips(root, rng, train_per_class, val_per_class, size, num_frames, classes)
+
+
+def _write_clips(
+    root: Path, rng: np.random.Generator, train_per_class: int, val_per_class: int, size: int, num_frames: int,
+    classes: Sequence[str],
+) -> None:
     with ThreadPoolExecutor(4) as pool:  # the encoders are ffmpeg processes: run a few at once
         jobs = []
         for split, count in (("train", train_per_class), ("val", val_per_class)):

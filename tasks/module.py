@@ -20,13 +20,12 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from backbones import Backbone, create_backbone
 from backbones.base import AuxiliaryLoss, AuxiliaryLossSource
-from backbones.onednn_linear import use_onednn_linears
 from datamodules.common import TaskDataModule
-
-from .distributed import shard_task_module
-from .optimization import OptimizerName, ScheduleName, build_optimizer, build_schedule, parameter_groups
-from .pictures import PictureMaker, logging_callbacks
-from .run_state import run_state_callbacks
+from engine.distributed import shard_task_module
+from engine.optimization import OptimizerName, ScheduleName, build_optimizer, build_schedule, parameter_groups
+from engine.pictures import PictureMaker, logging_callbacks
+from engine.run_state import run_state_callbacks
+from ops.onednn_linear import use_onednn_linears
 
 Stage = Literal["train", "val", "test"]
 
@@ -154,7 +153,7 @@ class TaskModule(L.LightningModule):
         return self
 
     def configure_model(self) -> None:
-        """Under ``--trainer.strategy fsdp`` (``tasks.distributed.FullyShardedStrategy``), shard the backbone's blocks
+        """Under ``--trainer.strategy fsdp`` (``engine.distributed.FullyShardedStrategy``), shard the backbone's blocks
         and the rest of the model over the processes; other strategies leave the model as it is."""
         if self.device_mesh is not None:
             shard_task_module(self, self.backbone.sharding_units(), self.device_mesh["data_parallel"])
@@ -301,7 +300,7 @@ class TaskModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         passes = self.backbone.training_passes()
         if passes is not None:  # a super-network's sandwich of sub-networks
-            from .sandwich import sandwich_step
+            from search.sandwich import sandwich_step  # noqa: PLC0415  (the search package imports the task modules)
 
             return sandwich_step(self, batch, passes)
         return self.shared_step(batch, "train")

@@ -16,10 +16,11 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from engine.cli import run_cli
+from engine.picture_makers import VideoPictures
+
 from .classification import ClassificationModule
-from .cli import run_cli
 from .module import Stage
-from .picture_makers import VideoPictures
 
 
 class VideoClassificationModule(ClassificationModule):

@@ -10,7 +10,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from backbones import list_backbones, register
+from backbones import list_backbones
+
+from backbones import register
 from backbones.vit import VisionTransformer
 
 

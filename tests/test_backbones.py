@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbones import create_backbone, list_backbones
+from backbones import create_backbone
+
+from backbones import list_backbones
 from backbones.timm import TimmBackbone
 
 TIMM_SEEDS = {

@@ -23,8 +23,8 @@ from datamodules.segmentation import SegmentationDataModule
 from datamodules.synthetic_videos import MOTION_CLASSES, deforming_shape_clip, write_mp4
 from datamodules.synthetic_volumes import write_decathlon_folder
 from datamodules.video import VideoDataModule, collate_clips
-from tasks.checkpointing import AtomicCheckpointIO, check_trainer_checkpoint
-from tasks.cli import input_errors_in_one_line
+from engine.checkpointing import AtomicCheckpointIO, check_trainer_checkpoint
+from engine.cli import input_errors_in_one_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

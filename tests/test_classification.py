@@ -12,7 +12,7 @@ from PIL import Image
 
 from datamodules.classification import ClassificationDataModule
 from datamodules.common import DataError
-from tasks.optimization import build_schedule
+from engine.optimization import build_schedule
 from tasks.classification import ClassificationModule, main
 
 TINY_VIT = {"img_size": 32, "depth": 2, "embed_dim": 48, "num_heads": 2}

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from tasks.cli import run_cli
+from engine.cli import run_cli
 from tasks.module import TaskModule
 
 CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))

@@ -8,7 +8,9 @@ import pytest
 import timm
 import torch
 
-from backbones import create_backbone, list_backbones
+from backbones import create_backbone
+
+from backbones import list_backbones
 from backbones import vit as vit_module
 from backbones.layers import resample_pos_embed
 from backbones.weights import load_pretrained

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from cli_runs import TINY_VIT, read_metrics, run_task, write_shapes
 
 from datamodules.classification import ClassificationDataModule
-from tasks.classification import ClassificationModule, build_teacher
-from tasks.distillation import distillation_loss
+from engine.distillation import build_teacher
+from tasks.classification import ClassificationModule
+from engine.distillation import distillation_loss
 
 TINY = {"img_size": 32, "depth": 1, "embed_dim": 48, "num_heads": 2}
 

@@ -15,7 +15,7 @@ import datamodules.common as common
 from datamodules.common import make_loader
 from datamodules.sampling import EpochShuffleSampler, ResumableDataLoader
 from tasks.classification import ClassificationModule, main
-from tasks.distributed import SyncBatchNormWhenDistributed
+from engine.distributed import SyncBatchNormWhenDistributed
 
 from cli_runs import TINY_VIT, last_value, read_metrics, run_task, write_shapes
 
@@ -109,7 +109,7 @@ def test_evaluation_shards_are_disjoint_and_unpadded(monkeypatch: pytest.MonkeyP
 def test_sync_batchnorm_only_where_processes_can_share_statistics() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     assert isinstance(SyncBatchNormWhenDistributed().apply(model)[1], nn.BatchNorm2d)  # one process
-    from tasks.cli import run_cli
+    from engine.cli import run_cli
     from datamodules.classification import ClassificationDataModule
 
     args = ["--model.backbone=vit_tiny_patch16", TINY_VIT, "--trainer.sync_batchnorm=true", "--trainer.strategy=ddp",
@@ -120,7 +120,7 @@ def test_sync_batchnorm_only_where_processes_can_share_statistics() -> None:
 
 def tiny_task_metrics() -> dict[str, tuple[MetricCollection, tuple[torch.Tensor, ...]]]:
     """Each task's validation metrics and one batch of what ``metric_inputs`` feeds them."""
-    from tasks.medical_metrics import volume_metrics
+    from engine.volume_metrics import volume_metrics
     from tasks.segmentation import SegmentationModule
 
     mit = {"embed_dims": (16, 32, 64, 128), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 4)}

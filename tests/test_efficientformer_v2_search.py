@@ -23,8 +23,8 @@ from backbones.efficientformer_v2_supernet import EfficientFormerV2Supernet
 from datamodules.synthetic import shape_image
 from tasks.classification import ClassificationModule
 from tasks.classification import main as classification_main
-from tasks.search import main as search_main
-from tasks.search_mes import MobileEfficiency
+from search.run import main as search_main
+from search.mes import MobileEfficiency
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

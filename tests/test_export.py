@@ -18,7 +18,7 @@ from backbones.weights import read_checkpoint
 from datamodules.synthetic import SHAPE_CLASSES
 from tasks.classification import ClassificationModule
 from tasks.classification import main as classification_main
-from tasks.export import ExportCheckError, export_metadata, export_model, load_run_checkpoint
+from engine.export import ExportCheckError, export_metadata, export_model, load_run_checkpoint
 from tasks.medical import MedicalSegmentationModule
 from tasks.segmentation import SegmentationModule
 from tasks.video import VideoClassificationModule

@@ -12,9 +12,9 @@ import torch
 
 from datamodules.classification import ClassificationDataModule
 from datamodules.sampling import SeededSamples
-from tasks.cli import run_cli
+from engine.cli import run_cli
 from tasks.module import NonFiniteLossError
-from tasks.checkpointing import AtomicCheckpointIO, LastCheckpoint
+from engine.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from tasks.classification import ClassificationModule, main
 
 from cli_runs import TINY_VIT, finish, read_metrics, run_task, write_shapes

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.fewshot import BIAS_CONSTANT, ridge_accuracy, ridge_weights, sample_shots
+from engine.fewshot import BIAS_CONSTANT, ridge_accuracy, ridge_weights, sample_shots
 
 
 def numpy_ridge(x: np.ndarray, y: np.ndarray, k: int, l2: float) -> np.ndarray:
@@ -90,7 +90,7 @@ def fit_tiny(root, out, callbacks: list, steps: int = 6) -> dict[str, torch.Tens
 def test_callback_logs_fewshot_and_leaves_training_unchanged(tmp_path, one_thread, monkeypatch) -> None:
     from cli_runs import read_metrics, write_shapes
 
-    from tasks.fewshot_callback import FewShotEvaluator
+    from engine.fewshot_callback import FewShotEvaluator
 
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # no per-step reseeding that would hide a consumed draw
     root = write_shapes(tmp_path / "shapes", train_per_class=8, val_per_class=5)
@@ -111,8 +111,8 @@ def test_callback_is_found_by_its_short_name_and_checks_shots_before_training(tm
 
     from datamodules.classification import ClassificationDataModule
     from tasks.classification import ClassificationModule
-    from tasks.cli import run_cli
-    from tasks.fewshot_callback import FewShotEvaluator
+    from engine.cli import run_cli
+    from engine.fewshot_callback import FewShotEvaluator
 
     root = write_shapes(tmp_path / "shapes", train_per_class=4, val_per_class=2)
     cli = run_cli(ClassificationModule, ClassificationDataModule, run=False, args=[
@@ -128,7 +128,7 @@ def test_callback_is_found_by_its_short_name_and_checks_shots_before_training(tm
 
 
 def test_rank_slices_gathered_in_order_are_the_data_set() -> None:
-    from tasks.fewshot_callback import rank_slice
+    from engine.fewshot_callback import rank_slice
 
     for n, world in ((10, 4), (9, 4), (3, 4), (12, 3)):
         slices = [list(rank_slice(list(range(n)), r, world)) for r in range(world)]

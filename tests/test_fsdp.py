@@ -1,4 +1,4 @@
-"""``--trainer.strategy fsdp`` (FSDP2 through ``tasks.distributed.FullyShardedStrategy``): two CPU processes (gloo)
+"""``--trainer.strategy fsdp`` (FSDP2 through ``engine.distributed.FullyShardedStrategy``): two CPU processes (gloo)
 with sharded weights, gradients and optimizer state, and activation checkpointing on, train like one process
 with the global batch; the checkpoint is one ordinary file that resumes under FSDP and loads into one process."""
 
@@ -14,8 +14,8 @@ import torch
 from backbones.layers import Block
 from datamodules.classification import ClassificationDataModule
 from tasks.classification import ClassificationModule, main
-from tasks.cli import run_cli
-from tasks.distributed import FullyShardedStrategy
+from engine.cli import run_cli
+from engine.distributed import FullyShardedStrategy
 
 from cli_runs import TINY_VIT, run_task, write_shapes
 

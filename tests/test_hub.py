@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from backbones import create_backbone
 from backbones.hub import resolve_pretrained
-from tasks.classification import ClassificationModule, build_teacher
+from engine.distillation import build_teacher
+from tasks.classification import ClassificationModule
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks import medical_buffers
-from tasks.medical_buffers import MapPool
+from ops import map_pool as medical_buffers
+from ops.map_pool import MapPool
 
 SHAPE = (1, 4, 8, 16, 16)
 
@@ -53,8 +53,8 @@ def test_a_map_saved_by_autograd_is_not_reused_before_backward(small_maps):
 def _block_and_input():
     from monai.networks.blocks.dynunet_block import UnetResBlock
 
-    from tasks.medical import instance_norm_as_group_norm
-    from tasks.medical_blocks import FusedResBlock
+    from heads.unetr import instance_norm_as_group_norm
+    from ops.unetr_blocks import FusedResBlock
 
     torch.manual_seed(0)
     block = FusedResBlock(instance_norm_as_group_norm(UnetResBlock(3, 32, 16, 3, 1, ("instance", {"affine": True}))))

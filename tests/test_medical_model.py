@@ -9,7 +9,8 @@ from torch import nn
 from backbones import create_backbone
 from backbones.unetr import conv_to_perceptron, perceptron_to_conv
 from backbones.weights import load_pretrained
-from tasks.medical import MedicalSegmentationModule, UnetrDecoder
+from heads.unetr import UnetrDecoder
+from tasks.medical import MedicalSegmentationModule
 
 TINY_VIT = dict(img_size=32, embed_dim=48, depth=4, num_heads=2, out_indices=[0, 1, 2, 3])
 MONAI_UNETR_BASE_PARAMS = 92_802_478  # monai 1.6.1, incl. 12 unused cross-attention LayerNorms (18,432)
@@ -142,7 +143,7 @@ def test_image_vit_checkpoint_initialises_the_3d_encoder_by_inflation(tmp_path):
 
 
 def test_channels_last_instance_norm_is_exact_on_a_full_resolution_map():
-    from backbones.norms3d import instance_norm_act
+    from ops.norms3d import instance_norm_act
 
     torch.manual_seed(0)
     x = torch.randn(1, 32, 96, 96, 96) * 3 + 5  # UNETR's widest full-resolution map, off-centre
@@ -162,7 +163,7 @@ def test_channels_last_instance_norm_is_exact_on_a_full_resolution_map():
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_instance_norm_act_gradients_match_autograd_in_float64(channels_last):
-    from backbones.norms3d import instance_norm_act
+    from ops.norms3d import instance_norm_act
 
     x = (torch.randn(2, 6, 5, 7, 4, dtype=torch.float64) * 2 + 3).requires_grad_()
     weight, bias = torch.randn(6, dtype=torch.float64).requires_grad_(), torch.randn(6, dtype=torch.float64).requires_grad_()
@@ -177,7 +178,7 @@ def test_instance_norm_act_gradients_match_autograd_in_float64(channels_last):
 
 
 def test_channels_last_decoder_keeps_names_outputs_and_gradients():
-    from tasks.medical_blocks import FusedOutBlock, FusedResBlock
+    from ops.unetr_blocks import FusedOutBlock, FusedResBlock
 
     torch.manual_seed(0)
     plain, fused = tiny_module(channels_last=False), tiny_module(channels_last=True)
@@ -197,7 +198,7 @@ def test_channels_last_decoder_keeps_names_outputs_and_gradients():
 def test_output_block_returns_a_channels_last_input_gradient():
     from monai.networks.blocks import UnetOutBlock
 
-    from tasks.medical_blocks import FusedOutBlock
+    from ops.unetr_blocks import FusedOutBlock
 
     torch.manual_seed(0)
     ref = UnetOutBlock(3, 16, 5)
@@ -218,7 +219,7 @@ def test_output_block_returns_a_channels_last_input_gradient():
 
 
 def test_batch_one_convolution_as_two_halves_equals_the_convolution():
-    from tasks.medical_blocks import pointwise
+    from ops.unetr_blocks import pointwise
 
     conv = torch.nn.Conv3d(32, 16, 3, padding=1)
     x = torch.randn(1, 32, 12, 10, 8).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
@@ -235,8 +236,8 @@ def test_batch_one_convolution_as_two_halves_equals_the_convolution():
 def test_fused_residual_block_equals_monai_forward_and_backward(cin, affine):
     from monai.networks.blocks.dynunet_block import UnetResBlock
 
-    from tasks.medical import instance_norm_as_group_norm
-    from tasks.medical_blocks import FusedResBlock
+    from heads.unetr import instance_norm_as_group_norm
+    from ops.unetr_blocks import FusedResBlock
 
     torch.manual_seed(0)
     norm = ("instance", {"affine": affine})
@@ -270,8 +271,8 @@ def test_fused_residual_block_equals_monai_forward_and_backward(cin, affine):
 def test_fused_up_block_joins_the_skip_without_concatenating():
     from monai.networks.blocks import UnetrUpBlock
 
-    from tasks.medical import instance_norm_as_group_norm
-    from tasks.medical_blocks import FusedUpBlock, fuse_decoder_blocks
+    from heads.unetr import instance_norm_as_group_norm
+    from ops.unetr_blocks import FusedUpBlock, fuse_decoder_blocks
 
     torch.manual_seed(0)
     args = dict(spatial_dims=3, in_channels=32, out_channels=16, kernel_size=3, upsample_kernel_size=2,

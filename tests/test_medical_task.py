@@ -13,10 +13,10 @@ import torch
 
 from datamodules.medical import MedicalDataModule
 from datamodules.synthetic_volumes import synthetic_case, write_case, write_decathlon_folder
-from tasks.cli import run_cli
+from engine.cli import run_cli
 from tasks.medical import MedicalCLI, MedicalSegmentationModule
-from tasks.medical_metrics import metric_suffixes, volume_metrics, volume_scores
-from tasks.predict import PredictionWriter
+from engine.volume_metrics import metric_suffixes, volume_metrics, volume_scores
+from engine.predict import PredictionWriter
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("unetr*.yaml"))
 TINY_VIT = dict(img_size=32, embed_dim=96, depth=4, num_heads=2, out_indices=[0, 1, 2, 3])
@@ -48,10 +48,10 @@ def test_dice_and_hd95_known_answers():
 
 
 def test_shifted_cube_and_the_mean_counts_missed_structures(monkeypatch):
-    import tasks.medical_metrics
+    import engine.volume_metrics
 
     scored = []
-    monkeypatch.setattr(tasks.medical_metrics, "volume_scores", lambda *a, **k: scored.append(1) or volume_scores(*a, **k))
+    monkeypatch.setattr(engine.volume_metrics, "volume_scores", lambda *a, **k: scored.append(1) or volume_scores(*a, **k))
     target = torch.zeros(2, 16, 16, 16, dtype=torch.long)
     pred = torch.zeros_like(target)
     target[:, 2:12, 2:12, 2:12] = 1

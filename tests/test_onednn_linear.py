@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from backbones.onednn_linear import OneDnnLinear, use_onednn_linears
+from ops.onednn_linear import OneDnnLinear, use_onednn_linears
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -60,7 +60,7 @@ def test_every_task_runs_its_linears_in_onednn(task):
 
 def test_onednn_linear_output_can_be_modified_in_place_in_training():
     """SegFormer's head adds the upsampled maps into the first projection's output (a permuted view of it)."""
-    from backbones.onednn_linear import onednn_linear
+    from ops.onednn_linear import onednn_linear
 
     torch.manual_seed(0)
     x = torch.randn(2, 12, 8, requires_grad=True)

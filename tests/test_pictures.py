@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tasks.pictures import log_image
+from engine.pictures import log_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -110,7 +110,7 @@ def test_the_curve_history_survives_a_weights_only_checkpoint(tmp_path: Path) ->
     """A resumed fit draws the whole run: the history is checkpoint state that ``weights_only`` loading accepts."""
     import torch
 
-    from tasks.pictures import FinalCurves
+    from engine.pictures import FinalCurves
 
     curves = FinalCurves()
     curves.history = {"train/loss": [(3, 1.25), (6, 1.0)], "val/top1": [(3, 0.5)]}

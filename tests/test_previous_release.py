@@ -48,3 +48,21 @@ def test_a_previous_release_checkpoint_resumes_through_the_cli(tmp_path: Path, s
     ]
     output = run_task("classification", args, cache=synthetic_cache).stdout
     assert "Restored all states" in output or "Restoring states" in output, output[-3000:]
+
+
+def test_a_yaml_naming_a_class_by_its_previous_module_path_still_runs(tmp_path: Path) -> None:
+    """A config (or a run's saved ``config.yaml``) of the previous release names helpers by their old module."""
+    from datamodules.classification import ClassificationDataModule
+    from engine.cli import run_cli
+    from engine.fewshot_callback import FewShotEvaluator
+
+    config = tmp_path / "old.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: tasks.fewshot_callback.FewShotEvaluator\n"
+        "      init_args: {every_n_steps: 7}\n"
+        "model: {backbone: vit_tiny_patch16, backbone_kwargs: {img_size: 32, depth: 1, embed_dim: 32, num_heads: 2}}\n"
+        "data: {image_size: 32}\n"
+    )
+    cli = run_cli(ClassificationModule, ClassificationDataModule, args=["--config", str(config)], run=False)
+    found = [c for c in cli.trainer.callbacks if isinstance(c, FewShotEvaluator)]
+    assert len(found) == 1 and found[0].every_n_steps == 7

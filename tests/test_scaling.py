@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backbones import create_backbone
-from tasks.optimization import build_optimizer, build_schedule, parameter_groups
+from engine.optimization import build_optimizer, build_schedule, parameter_groups
 
 
 def vit_params(width: int, depth: int, mlp: int, patch: int, tokens: int, in_chans: int = 3) -> int:

@@ -17,9 +17,9 @@ from PIL import Image
 from datamodules.classification import ClassificationDataModule, split_holdout
 from datamodules.synthetic import shape_image
 from tasks.classification import main as classification_main
-from tasks.search import build_parser
-from tasks.search import main as search_main
-from tasks.search_data import holdout_dataset
+from search.run import build_parser
+from search.run import main as search_main
+from search.holdout import holdout_dataset
 
 from test_vit_resnas_supernet import TINY
 

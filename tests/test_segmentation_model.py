@@ -11,7 +11,8 @@ import torch
 from backbones import create_backbone
 from backbones.mix_transformer import MixTransformer
 from backbones.weights import load_pretrained
-from tasks.segmentation import SegFormerHead, SegmentationModule
+from heads.segformer import SegFormerHead
+from tasks.segmentation import SegmentationModule
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from datamodules.label_maps import voc_palette
 from datamodules.segmentation import SegmentationDataModule
-from tasks.predict import PredictionWriter
+from engine.predict import PredictionWriter
 from tasks.segmentation import SegmentationCLI, SegmentationModule, main
 
 TINY = {"embed_dims": (16, 32, 64, 128), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 4), "drop_path_rate": 0.0}

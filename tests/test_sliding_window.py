@@ -1,4 +1,4 @@
-"""Region-wise stitching (``tasks/sliding_window.py``) against MONAI's full stitching: the same blended output bit
+"""Region-wise stitching (``engine/sliding_window.py``) against MONAI's full stitching: the same blended output bit
 for bit, so the same labels, Dice and HD95; the loss summed region by region equal to ``DiceCELoss`` on the full
 logits; the medical and segmentation tasks' whole-image paths."""
 
@@ -10,9 +10,9 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
 from tasks.medical import MedicalSegmentationModule
-from tasks.medical_metrics import volume_scores
+from engine.volume_metrics import volume_scores
 from tasks.segmentation import SegmentationModule
-from tasks.sliding_window import DiceCESink, LabelSink, stitch_windows
+from engine.sliding_window import DiceCESink, LabelSink, stitch_windows
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

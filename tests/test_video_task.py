@@ -12,7 +12,7 @@ import torch
 
 from datamodules.synthetic_videos import MOTION_CLASSES, deforming_shape_clip, write_motion_videos, write_mp4
 from datamodules.video import VideoDataModule
-from tasks.cli import TaskCLI
+from engine.cli import TaskCLI
 from tasks.video import VideoClassificationModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -83,7 +83,7 @@ def test_skipped_clips_are_counted_per_epoch(clip_root: Path, tmp_path: Path) ->
 
 
 def test_test_and_predict_use_multi_view(clip_root: Path, tmp_path: Path) -> None:
-    from tasks.predict import PredictionWriter
+    from engine.predict import PredictionWriter
 
     data = small_data(clip_root, test_clips=2, test_crops=3)
     module = tiny_module(class_names=data.class_names)  # what the CLI links from the data

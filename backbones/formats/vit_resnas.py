@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .weights import StateDict, register_format
+from ..weights import StateDict, register_format
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 _REDUCTION_RENAMES = {"patch_reduce.": "conv.", "token_transform.": "token_proj."}

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .weights import StateDict, register_format
+from ..weights import StateDict, register_format
 
 _PREFIXES = ("vit.", "deit.", "")
 # per block, after ``encoder.layer.{i}.`` / ``layers.{i}.`` became ``blocks.{i}.``; first match wins

@@ -28,8 +28,6 @@ from datamodules.io import atomic_write
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .module import TaskModule
-
 IMAGE_LOGGERS = (TensorBoardLogger, WandbLogger, MLFlowLogger)
 
 
@@ -116,21 +114,21 @@ class ValidationPictures(L.Callback):
         self.maker: PictureMaker | None = None
         self.active = False
 
-    def setup(self, trainer: L.Trainer, pl_module: TaskModule, stage: str) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.maker = pl_module.picture_maker()
 
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: TaskModule) -> None:
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.active = self.maker is not None and not trainer.sanity_checking and bool(image_loggers(trainer))
         if self.active:
             self.maker.reset(pl_module.device)
 
     def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: TaskModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if self.active and outputs is not None:
             self.maker.update(outputs["batch"], outputs["output"], keep=trainer.is_global_zero)
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: TaskModule) -> None:
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.active:
             return
         self.maker.compute()
@@ -153,21 +151,21 @@ class FinalCurves(L.Callback):
     def __init__(self) -> None:
         self.history: dict[str, list[tuple[int, float]]] = {}
 
-    def _record(self, trainer: L.Trainer, pl_module: TaskModule, stage: str) -> None:
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         metrics = trainer.callback_metrics
         for name in dict.fromkeys(("loss", pl_module.main_metric)):
             key = next((k for k in (f"{stage}/{name}_epoch", f"{stage}/{name}") if k in metrics), None)
             if key is not None and metrics[key].numel() == 1:
                 self.history.setdefault(f"{stage}/{name}", []).append((trainer.global_step, float(metrics[key])))
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: TaskModule) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._record(trainer, pl_module, "train")
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: TaskModule) -> None:
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             self._record(trainer, pl_module, "val")
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: TaskModule) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not trainer.loggers or trainer.fast_dev_run or not self.history:
             return
         figure = self.draw(pl_module.main_metric)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from einops import rearrange
 
-from .weights import StateDict, register_format
+from ..weights import StateDict, register_format
 
 _PREFIXES = ("params/img/", "params/", "opt/target/", "")
 _BLOCK = re.compile(r"Transformer/encoderblock(?:_(\d+))?/(.+)")

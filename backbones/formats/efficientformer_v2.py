@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .weights import StateDict, convert_timm_classifier, register_format
+from ..weights import StateDict, convert_timm_classifier, register_format
 
 _RELEASE_STEM = {"0": "conv1.conv", "1": "conv1.bn", "3": "conv2.conv", "4": "conv2.bn"}
 _RELEASE_MLP = {

@@ -13,7 +13,7 @@ Three families of files are in circulation, each for a bare encoder (ImageNet Mi
 
 Every converter returns ``backbone.stages.{i}...`` keys for the encoder, ``head.fc`` for an ImageNet classifier
 and ``foreign.<the file's own key>`` for a full model's decoder, the namespace of ``backbones.weights.load_pretrained``;
-the decoder's names are mapped onto ``SegFormerHead`` next to it, in ``tasks/segmentation_head_weights.py``.
+the decoder's names are mapped onto ``SegFormerHead`` next to it, in ``heads/segformer_weights.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .weights import StateDict, register_format
+from ..weights import StateDict, register_format
 
 # NVlabs encoder names (also smp's, under ``encoder.``) -> ours, applied to the key after its prefix.
 _NVLABS_ENCODER = [

@@ -17,12 +17,12 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from backbones import Backbone
 from datamodules.errors import InputError
 
 from .checkpointing import AtomicCheckpointIO, LastCheckpoint, check_trainer_checkpoint
 from .distributed import FullyShardedStrategy, SyncBatchNormWhenDistributed
 from .export import TaskTrainer
-from .module import TaskModule
 from .pictures import default_loggers
 from .predict import PredictionWriter
 
@@ -44,7 +44,7 @@ class TaskCLI(LightningCLI):
     trainer set up for long multi-process runs: ``last.ckpt`` kept up to date (``--checkpoint.*``), written
     atomically, ``--trainer.sync_batchnorm`` that only applies where several processes can share statistics, and
     ``--trainer.strategy ddp`` that tolerates the parameters a dynamic backbone's sub-network leaves unused;
-    ``--trainer.strategy fsdp`` is FSDP2 (``tasks.distributed.FullyShardedStrategy``), on GPUs and CPU processes."""
+    ``--trainer.strategy fsdp`` is FSDP2 (``engine.distributed.FullyShardedStrategy``), on GPUs and CPU processes."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -78,11 +78,11 @@ class TaskCLI(LightningCLI):
         if trainer.get("logger") in (None, True) and self.subcommand in ("fit", "validate", "test"):
             # not set: TensorBoard and CSV in one run folder (predict and export log nothing: Lightning's default stays)
             kwargs["logger"] = default_loggers(trainer.get("default_root_dir") or os.getcwd())
-        if trainer.get("strategy") == "ddp" and isinstance(self.model, TaskModule) and self.model.backbone.is_dynamic:
+        if trainer.get("strategy") == "ddp" and any(isinstance(m, Backbone) and m.is_dynamic for m in self.model.modules()):
             # a sub-network leaves parts of the super-network unused in a step; DDP must not wait for their gradients
             kwargs["strategy"] = "ddp_find_unused_parameters_true"
         if trainer.get("strategy") == "fsdp":
-            kwargs["strategy"] = FullyShardedStrategy()  # FSDP2, on GPUs and CPU processes alike (tasks/distributed.py)
+            kwargs["strategy"] = FullyShardedStrategy()  # FSDP2, on GPUs and CPU processes alike (engine/distributed.py)
         return super().instantiate_trainer(**kwargs)
 
 
@@ -133,7 +133,7 @@ def command_line_errors(entry: F) -> F:
 
 @command_line_errors
 def run_cli(
-    model_class: type[TaskModule], datamodule_class: type[L.LightningDataModule], args: Any = None,
+    model_class: type[L.LightningModule], datamodule_class: type[L.LightningDataModule], args: Any = None,
     cli_class: type[TaskCLI] = TaskCLI, run: bool = True,
 ) -> TaskCLI:
     """Entry point of ``python -m tasks.<name>``: subcommands fit/validate/test/predict, YAML configs.

@@ -7,11 +7,19 @@ and file are hyperparameters. It runs in eval mode, under ``torch.no_grad``, on 
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+
+from backbones import create_backbone
+from backbones.base import PoolType
+from backbones.weights import detect_format, load_pretrained, read_checkpoint
+from heads.classification import Classifier, classification_head
+from ops.onednn_linear import use_onednn_linears
 
 DistillationKind = Literal["none", "soft", "kl", "hard"]
 
@@ -80,3 +88,46 @@ def token_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, keep: 
     if not kept.any():
         return student.new_zeros(())
     return F.mse_loss(student[kept], teacher[kept])
+
+
+def saved_pool(path: str | None) -> PoolType | None:
+    """The ``pool`` a Lightning checkpoint of ours was trained with (its ``hyper_parameters``); ``None`` for other
+    files (state dicts, safetensors, npz, Hub names) and runs that left it to the backbone's default."""
+    file = Path(path) if path else None
+    if file is None or not file.is_file() or file.suffix in (".safetensors", ".npz"):
+        return None
+    try:  # mapped: only the pickle is read, the tensors (read_checkpoint already has them) stay on disk
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be mapped
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
+    return hparams.get("pool") if isinstance(hparams, dict) else None
+
+
+def build_teacher(
+    name: str, *, num_classes: int, pretrained: str | None, kwargs: dict[str, Any] | None, pool: PoolType | None = None
+) -> FrozenTeacher:
+    """The teacher network: a ``Classifier`` over one of our backbones (any file ``load_pretrained`` reads, our
+    checkpoints included), or for ``timm:<name>`` with a timm file the whole timm model with its classifier.
+    Ours pools by ``pool``, else as its checkpoint was trained (``saved_pool``), else by the backbone's default:
+    a head trained on averaged tokens gives other logits on the class token (the dense ViT-S of
+    ``configs/vit_small_patch16.yaml``: val top-1 0.95 by ``avg``, 0.74 by ``cls``)."""
+    state = read_checkpoint(pretrained) if pretrained else None
+    ours = state is not None and detect_format(state).name == "vision-suite"
+    if name.startswith("timm:") and not ours:
+        import timm
+
+        network: nn.Module = timm.create_model(name.removeprefix("timm:"), num_classes=num_classes, **(kwargs or {}))
+        if state is not None:
+            try:
+                network.load_state_dict(state)
+            except RuntimeError as err:
+                raise ValueError(f"teacher checkpoint {pretrained} does not fit timm model {name!r}: {err}") from err
+    else:
+        backbone = create_backbone(name, **(kwargs or {}))
+        network = Classifier(backbone, classification_head(backbone, num_classes, pool or (saved_pool(pretrained) if ours else None)))
+        if pretrained:
+            load_pretrained(network, pretrained, state=state)
+    if not pretrained:
+        rank_zero_warn(f"the teacher {name!r} has no teacher_pretrained file: it distils its random initial weights")
+    return FrozenTeacher(use_onednn_linears(network))

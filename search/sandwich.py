@@ -10,17 +10,15 @@ softmax), otherwise the labels too. The total is logged as ``train/loss``, the l
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import lightning as L
 import torch
 
 from backbones.base import SubnetPasses
 
-if TYPE_CHECKING:
-    from .module import TaskModule
 
-
-def sandwich_step(module: TaskModule, batch: dict[str, Any], passes: SubnetPasses) -> torch.Tensor | None:
+def sandwich_step(module: L.LightningModule, batch: dict[str, Any], passes: SubnetPasses) -> torch.Tensor | None:
     """The training loss of one step over every sub-network of ``passes`` (see the module docstring)."""
     if module.hparams.get("teacher") is not None:
         raise ValueError("the sandwich rule distils the largest sub-network in place; train the super-network "

@@ -7,8 +7,8 @@ one by one: each norm writes its output in one multiply-add (statistics first, i
 and the residual sum go into one buffer, and the backward takes the activation's gradient once for both branches,
 runs the norms' backward in place, and adds the 1x1x1 projection's input gradient into the 3x3x3 convolution's
 (one GEMM, no separate sum). The saved tensors are the layers' own (input, the convolutions' outputs, the block's
-output); the arithmetic is that of ``backbones.norms3d`` (exact in fp32). The maps the block writes itself come
-from ``tasks.medical_buffers.MAPS``, resident from the step before, instead of fresh page-faulting memory.
+output); the arithmetic is that of ``ops.norms3d`` (exact in fp32). The maps the block writes itself come
+from ``ops.map_pool.MAPS``, resident from the step before, instead of fresh page-faulting memory.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from backbones.norms3d import (
+from .norms3d import (
     InstanceNormAct, channels_first, mean_rstd, norm_backward, normalize_into, scale_shift, spatial_last,
 )
 
-from .medical_buffers import MAPS
+from .map_pool import MAPS
 
 
 def channels_last_view(x: torch.Tensor) -> torch.Tensor:

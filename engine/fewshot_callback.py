@@ -2,7 +2,7 @@
 representation while it trains, as the scaling paper does (``--trainer.callbacks+=FewShotEvaluator``).
 
 Every ``every_n_steps`` optimizer steps the frozen pre-logits of the evaluation data are extracted (eval mode, no
-gradient, each module's mode restored, the global random generators untouched) and ``tasks.fewshot``'s closed-form
+gradient, each module's mode restored, the global random generators untouched) and ``engine.fewshot``'s closed-form
 ridge gives top-1 per number of shots; ``fewshot/<shots>shot`` (mean over seeds) goes to the trainer's loggers.
 
 Several processes share the work: each extracts the features of its contiguous slice of the images (the last

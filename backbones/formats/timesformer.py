@@ -17,8 +17,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .hf_weights import EMBEDDINGS, rename_block_key
-from .weights import StateDict, register_format
+from .hf import EMBEDDINGS, rename_block_key
+from ..weights import StateDict, register_format
 
 _PREFIXES = ("timesformer.", "")
 _TEMPORAL = [  # checked before the ViT block names: ``temporal_attention.output.dense`` is not the MLP's ``output.dense``

@@ -39,12 +39,12 @@ from backbones.efficientformer_v2 import (
 )
 from backbones.efficientformer_v2_supernet import WIDTH_STEP, EfficientFormerV2Supernet, SubnetConfig
 
-from .search_latency import LatencyTable
+from .latency import LatencyTable
 
 if TYPE_CHECKING:
     from tasks.classification import ClassificationModule
 
-    from .search import Budget, HoldoutSettings, LatencySettings
+    from .run import Budget, HoldoutSettings, LatencySettings
 
 
 @dataclass
@@ -186,7 +186,7 @@ class MESPruning:
                              f"space has {params} parameters, {latency:.3f} ms on this machine, MES {mes:.2f}")
 
     def visit(self, step: int, action: str, config: SubnetConfig, batches: Any, calibration: Any) -> Visit:
-        from .search import subnet_classifier, top1
+        from .run import subnet_classifier, top1
 
         key = json.dumps(self.net.arch_kwargs(config), sort_keys=True)
         if key not in self.scores:
@@ -240,7 +240,7 @@ class MESPruning:
     def write_plot(self) -> Path:
         import matplotlib
 
-        from .search import pareto_front  # search imports this module
+        from .run import pareto_front  # search imports this module
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -260,7 +260,7 @@ class MESPruning:
         return path
 
     def write_found(self, final: Visit, data_hparams: dict[str, Any], calibration: Any) -> Path:
-        from .search import _plain, subnet_classifier
+        from .run import _plain, subnet_classifier
 
         network = subnet_classifier(self.module, final.config)
         if calibration:
@@ -324,9 +324,9 @@ def calibration_batches(data_hparams: dict[str, Any], count: int, batch_size: in
 
 def mes_search(*, ckpt_path: str, supernet: str, budget: Budget, mes: MobileEfficiency, pruning: PruningSettings,
                data: HoldoutSettings, latency: LatencySettings, output_dir: str) -> Path:
-    """Run the search (``tasks.search.search`` with ``strategy: mes_pruning``); returns the path of ``found.yaml``."""
-    from .search import load_supernet
-    from .search_data import check_holdout_unseen, holdout_batches
+    """Run the search (``search.run.search`` with ``strategy: mes_pruning``); returns the path of ``found.yaml``."""
+    from .run import load_supernet
+    from .holdout import check_holdout_unseen, holdout_batches
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ channels-last layout oneDNN runs its 3x3x3 and 2x2x2 transposed convolutions 1.6
 PyTorch's own kernels around them do not follow: ``GroupNorm`` accumulates channels-last statistics inexactly,
 ``InstanceNorm`` copies to NCDHW and back, and a 1x1x1 convolution takes a slow path (a single-threaded channels-last
 one ~5x slower than NCDHW). ``fuse_decoder_blocks`` swaps MONAI's ``UnetResBlock``/``UnetBasicBlock`` (and the
-1x1x1 output block) for blocks that run ``backbones.norms3d.InstanceNormAct`` and a GEMM over the
+1x1x1 output block) for blocks that run ``ops.norms3d.InstanceNormAct`` and a GEMM over the
 ``[B, D, H, W, C]`` view, keeping every parameter and its name, so MONAI checkpoints load unchanged. Where PyTorch
 would pick its slow native kernel for a batch-1 convolution (``C*D*H <= 20480``), inference calls oneDNN's
 directly and training convolves the volume's two depth halves as a batch of two, which takes oneDNN's kernel.
@@ -24,11 +24,11 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from backbones.conv_fusion import onednn_usable
-from backbones.norms3d import InstanceNormAct, is_tracing, spatial_last
+from .conv_fusion import onednn_usable
+from .norms3d import InstanceNormAct, is_tracing, spatial_last
 
-from .medical_buffers import MAPS
-from .medical_res_block import fused_res_block
+from .map_pool import MAPS
+from .unetr_res_block import fused_res_block
 
 
 def pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +128,7 @@ class FusedResBlock(nn.Module):
 
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """Whether ``tasks.medical_res_block`` runs the block on ``x``: a channels-last fp32 CPU volume, 'same'
+        """Whether ``ops.unetr_res_block`` runs the block on ``x``: a channels-last fp32 CPU volume, 'same'
         3x3x3-style convolutions and a 1x1x1 projection, oneDNN available, and in training no convolution that
         PyTorch would give its native kernel (whose backward the two-halves form avoids)."""
         convs = [_conv(self.conv1), _conv(self.conv2)]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
 
-from .medical_buffers import MAPS
+from ops.map_pool import MAPS
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -44,7 +44,7 @@ def release_freed_memory() -> None:
     """Give the heap memory freed since the last call back to the OS (glibc's ``malloc_trim``; nothing on other C
     libraries). Run after each window batch: the model's freed activations otherwise stay resident beside the
     regions still being stitched, ~0.08 GiB per UNETR-Base window on top of the pass's peak. The decoder's pooled
-    maps (``tasks.medical_buffers``, ~0.3 GiB at UNETR-Base width) are dropped too, for the same reason."""
+    maps (``ops.map_pool``, ~0.3 GiB at UNETR-Base width) are dropped too, for the same reason."""
     MAPS.clear()
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
