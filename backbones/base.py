@@ -7,7 +7,7 @@ channels and stride up front in ``feature_info`` so heads can be built without r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -46,6 +46,17 @@ class SubnetPasses:
 
     configs: tuple[Any, ...]
     distill: bool = False
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """How a network that a wrapper built around a pretrained one trains (``Backbone.fine_tuning``): the wrapper's
+    new modules (``added``, by optimizer group name) at the task's ``lr``; the pretrained network, the rest of the
+    backbone and the head, at ``lr * pretrained_lr_mult``, held fixed for its first ``pretrained_frozen_epochs``."""
+
+    added: dict[str, nn.Module] = field(default_factory=dict)
+    pretrained_lr_mult: float = 1.0
+    pretrained_frozen_epochs: int = 0
 
 
 class AuxiliaryLossSource(nn.Module):
@@ -87,7 +98,10 @@ class Backbone(AuxiliaryLossSource):
       ``training_passes`` when a step runs several sub-networks (the sandwich rule, ``SubnetPasses``);
     - training past one device's memory: ``set_activation_checkpointing`` (``supports_activation_checkpointing``),
       called by the task for ``activation_checkpointing: true``, and ``sharding_units``, the blocks FSDP shards one
-      by one (``engine.distributed``).
+      by one (``engine.distributed``);
+    - token reduction (a wrapper from ``backbones.token_reduction.reduce_tokens``, DynamicViT's pruning):
+      ``token_reduction``, ``fine_tuning``, ``frozen_parameters``, ``token_keep_weights``, ``training_logs``,
+      ``distillation_tokens`` (``distils_tokens``) and ``token_maps``, read by the task after each forward pass.
     """
 
     feature_info: list[FeatureInfo]
@@ -109,6 +123,9 @@ class Backbone(AuxiliaryLossSource):
     checkpoint_prefix: str = ""
     """Prefix of this module's parameters under which checkpoint keys of the wrapped model load (``model.``
     for a timm model kept whole)."""
+    token_reduction: str | None = None
+    """The option that made this backbone run fewer tokens through its later blocks (``token_pruning``), named in
+    errors; ``None``: every token runs through every block."""
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -165,6 +182,42 @@ class Backbone(AuxiliaryLossSource):
     def sharding_units(self) -> list[nn.Module]:
         """Sub-modules FSDP shards as units of their own, each gathered only while it runs (the transformer blocks);
         the rest forms one unit with the head. Default: none, the whole model is one unit."""
+        return []
+
+    # --- token reduction (backbones.token_reduction) -------------------------------------------------------
+
+    def fine_tuning(self) -> FineTuning:
+        """The optimisation the task gives this backbone and its head: by default one network trained as a whole."""
+        return FineTuning()
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """Parameters the task keeps fixed (a pruned ViT's class token and position embeddings); default none."""
+        return []
+
+    def token_keep_weights(self) -> torch.Tensor | None:
+        """How much each token returned by the last ``forward_tokens`` counts in a pooling head, ``[B, prefix + N]``
+        (1 kept, 0 dropped: in training a pruned backbone returns its dropped tokens too); ``None``: all count."""
+        return None
+
+    def training_logs(self) -> dict[str, torch.Tensor]:
+        """Scalars of the last training forward pass that the task logs as ``train/<name>`` beside the losses
+        (DynamicViT's ``kept_fraction_<stage>``); default none."""
+        return {}
+
+    @property
+    def distils_tokens(self) -> bool:
+        """A task with a teacher adds token distillation (``distillation_tokens``) to its objective."""
+        return type(self).distillation_tokens is not Backbone.distillation_tokens
+
+    def distillation_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a token-distillation loss compares with a dense teacher's final patch tokens: from ``tokens``, the
+        output of the last ``forward_tokens``, the patch tokens on the teacher's grid ``[B, N, C]`` and their
+        weights ``[B, N]`` (``None``: all count)."""
+        raise TypeError(f"{type(self).__name__} has no tokens to distil apart from its logits")
+
+    def token_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """What ``predict`` can draw of the last forward pass over ``x``: per stage, a map ``[B, *grid]`` over the
+        input's patch grid, 1 where a patch still runs through the blocks, 0 where it was dropped; default none."""
         return []
 
     # --- dynamic networks -------------------------------------------------------------------------------
