@@ -251,3 +251,97 @@ class Backbone(AuxiliaryLossSource):
             raise ValueError(
                 f"{type(self).__name__} expects input {layout} with C={self.in_chans}, got shape {tuple(x.shape)}"
             )
+
+
+# --- super-networks: what a network search needs (search/) ---------------------------------------------------------
+
+from collections.abc import Callable, Sequence  # noqa: E402  (this block's own)
+
+Gene = tuple[str, tuple[Any, ...]]
+"""A searchable choice of a super-network: its name (``embed_dims[1]``, ``keep[2][3]``) and its values, largest first."""
+
+
+@dataclass(frozen=True)
+class LatencyPart:
+    """A part of a sub-network whose latency a table measures once, for every sub-network that has it: ``key`` names
+    it (one key, one module and input shape), ``build()`` makes it in its inference form with an input,
+    ``(module, args)``, so that ``module(*args)`` is what it costs."""
+
+    key: str
+    build: Callable[[], tuple[nn.Module, tuple[Any, ...]]]
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """One step of pruning a sub-network (MES pruning): what it does (``drop block 2.3``) and where it leads."""
+
+    action: str
+    config: Any
+
+
+class Supernet(Backbone):
+    """A backbone holding the weights of the largest network of a search space, any sub-network of which it runs
+    (``set_subnet``) and cuts out as an ordinary backbone with sliced weights (``extract``): the contract a network
+    search (``search/``) works through, whichever the space.
+
+    A sub-network is a ``config`` in the super-network's own terms, plain lists and numbers (YAML and JSON). The
+    space is a list of genes (``search_space``), each a choice with its values largest first, so evolution can
+    sample, mutate and cross over gene values, which ``subnet`` turns into a config (``subnet_genes`` the other
+    way). Training draws come from ``sample_subnet`` and ``set_subnet`` (``Backbone``'s dynamic hooks).
+
+    A subclass sets ``subnet_preset`` (the registered preset whose class an extracted sub-network is; the ``backbone``
+    of a found network's YAML) and ``fixed_kwargs`` (the architecture arguments every sub-network shares).
+    """
+
+    subnet_preset: str
+    """The preset an extracted sub-network is built by, with ``arch_kwargs`` as its ``backbone_kwargs``."""
+    fixed_kwargs: dict[str, Any]
+    """Architecture arguments every sub-network shares (input size and channels, fixed widths)."""
+
+    # --- the search space -----------------------------------------------------------------------------------
+
+    def search_space(self) -> list[Gene]:
+        """Every choice, in a fixed order: ``(name, values)``, values largest first."""
+        raise NotImplementedError
+
+    def subnet(self, genes: Sequence[Any]) -> Any:
+        """The sub-network of gene values (one per ``search_space`` entry, in its order)."""
+        raise NotImplementedError
+
+    def subnet_genes(self, config: Any) -> tuple[Any, ...]:
+        """The gene values of ``config``; a ValueError naming the choice and its values when it lies outside."""
+        raise NotImplementedError
+
+    def extreme_subnet(self, largest: bool) -> Any:
+        """The largest sub-network (every first value) or the smallest (every last value)."""
+        return self.subnet([values[0] if largest else values[-1] for _, values in self.search_space()])
+
+    # --- one sub-network --------------------------------------------------------------------------------------
+
+    def extract(self, config: Any) -> Backbone:
+        """The sub-network as an ordinary backbone (of ``subnet_preset``'s class) with weights sliced from (copies
+        of) the super-network's: it gives the outputs the super-network gives running ``config``."""
+        raise NotImplementedError
+
+    def arch_kwargs(self, config: Any) -> dict[str, Any]:
+        """The ``backbone_kwargs`` of ``subnet_preset`` that build the sub-network (``fixed_kwargs`` included)."""
+        raise NotImplementedError
+
+    def describe(self, config: Any) -> dict[str, Any]:
+        """The sub-network as a task's YAML names it: ``{"backbone": preset, "backbone_kwargs": {...}}``."""
+        return {"backbone": self.subnet_preset, "backbone_kwargs": self.arch_kwargs(config)}
+
+    def macs_params(self, config: Any) -> tuple[int, int]:
+        """MACs of the sub-network's forward pass on one input of the built size (matrix products, convolutions and
+        attention, as ``torch.utils.flop_counter`` counts them) and its parameters, without building it."""
+        raise NotImplementedError
+
+    def latency_parts(self, config: Any, batch_size: int) -> list[LatencyPart]:
+        """The parts whose latencies add up to the sub-network's, at ``batch_size`` (a latency table times each
+        distinct key once): so no search code names a block class."""
+        raise NotImplementedError
+
+    def reductions(self, config: Any) -> list[Reduction]:
+        """Every one-step reduction of ``config`` that pruning may take (drop a block, narrow a stage, fewer heads, a
+        smaller MLP), each still in the space."""
+        raise NotImplementedError
