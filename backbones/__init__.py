@@ -14,5 +14,6 @@ from . import vit_resnas  # noqa: E402,F401  (ViT-ResNAS presets, release checkp
 from . import efficientformer_v2  # noqa: E402,F401  (EfficientFormerV2 presets, timm and release formats)
 from . import vit_resnas_supernet  # noqa: E402,F401  (ViT-ResNAS super-networks)
 from . import efficientformer_v2_supernet  # noqa: E402,F401  (EfficientFormerV2 super-networks)
+from . import token_pruning  # noqa: E402,F401  (registers the dynamicvit token reduction)
 
 __all__ = ["Backbone", "FeatureInfo", "build_preset", "create_backbone", "list_backbones", "register"]

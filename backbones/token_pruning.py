@@ -13,6 +13,10 @@ prefix (class, distillation) tokens always stay.
 A pruning *unit* is a patch token for images and joint space-time attention (so a clip prunes over all its
 ``T×N`` tokens), and a whole spatial position, all its frames together, for divided attention: temporal
 attention then still sees one token per frame at every kept position, and a gathered clip stays a ``T×K`` grid.
+
+Registered as the token reduction ``dynamicvit`` (``backbones.token_reduction.reduce_tokens``), which tasks build
+from ``token_pruning: true``: the predictors train at the task's ``lr``, the pretrained network at
+``lr * pretrained_lr_mult``; the prefix tokens and the position and time embeddings stay fixed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 from torch import nn
 
+from .base import Backbone
+from .token_reduction import TokenReducer, register_token_reduction
 from .vit import VisionTransformer
 
 
@@ -66,7 +72,7 @@ def default_prune_at(depth: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(depth * k / 4)) for k in (1, 2, 3)} - {depth}))
 
 
-class DynamicViT(VisionTransformer):
+class DynamicViT(TokenReducer, VisionTransformer):
     """A ``VisionTransformer`` with DynamicViT's prediction modules (``predictors``); made by ``from_vit``.
 
     ``forward_tokens`` prunes (masked in training, gathered in eval mode); ``forward`` (dense maps for
@@ -76,13 +82,14 @@ class DynamicViT(VisionTransformer):
     ``kept_units`` the keep mask of every stage over the original units, ``[B, U]`` booleans.
     """
 
+    token_reduction = "token_pruning"
     keep_ratio: float
     prune_at: tuple[int, ...]
     predictors: nn.ModuleList
 
     @classmethod
     def from_vit(
-        cls, vit: VisionTransformer, *, keep_ratio: float = 0.7, prune_at: Sequence[int] | None = None
+        cls, vit: Backbone, *, keep_ratio: float = 0.7, prune_at: Sequence[int] | None = None
     ) -> DynamicViT:
         """Make ``vit`` a DynamicViT in place: the same object, weights and parameter names (so dense checkpoints,
         ours and timm's, load into it as they are) plus one ``KeepPredictor`` per pruning stage.
@@ -112,6 +119,34 @@ class DynamicViT(VisionTransformer):
         model.predictors.to(vit.pos_embed.device)
         model.token_weights, model.kept_units = None, []
         return model
+
+    # --- what a task reads (the token-reduction hooks of ``Backbone``) ---------------------------------------
+
+    def added_modules(self) -> dict[str, nn.Module]:
+        return {"predictors": self.predictors}
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """The release's: class and distillation tokens, position and time embeddings."""
+        return [p for p in (self.cls_token, self.dist_token, self.pos_embed, self.time_embed) if p is not None]
+
+    def token_keep_weights(self) -> torch.Tensor | None:
+        return self.token_weights
+
+    def training_logs(self) -> dict[str, torch.Tensor]:
+        """The kept fraction of the units after each stage, which the keep-ratio loss holds at rho, rho², rho³."""
+        return {f"kept_fraction_{s}": kept.float().mean() for s, kept in enumerate(self.kept_units)}
+
+    def distillation_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The patch tokens of a masked (training) pass, every one still in place, and the policy: 1 where kept."""
+        p, weights = self.num_prefix_tokens, self.token_weights
+        return tokens[:, p:], None if weights is None else weights[:, p:]
+
+    def token_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The kept units of each stage ``[B, *unit_grid]`` (a clip under divided attention: spatial positions)."""
+        grid = self.unit_grid(self.patch_embed.grid(x.shape[2:]))
+        return [kept.reshape(kept.shape[0], *grid).float() for kept in self.kept_units]
+
+    # --- pruning --------------------------------------------------------------------------------------------
 
     def keep_counts(self, units: int) -> list[int]:
         """Units kept after each stage at inference: ``int(units * rho^s)``, at least one."""
@@ -209,3 +244,6 @@ class DynamicViT(VisionTransformer):
         else:
             patches = x[:, p:].gather(1, index[..., None].expand(-1, -1, c))
         return torch.cat([x[:, :p], patches], dim=1)
+
+
+register_token_reduction("dynamicvit", DynamicViT.from_vit)

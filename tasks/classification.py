@@ -16,11 +16,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from backbones.base import AuxiliaryLoss, PoolType
-from backbones.token_pruning import DynamicViT
 from engine.cli import run_cli
 from engine.distillation import DistillationKind, FrozenTeacher, build_teacher, distillation_loss, token_distillation_loss
 from engine.fewshot_callback import FewShotEvaluator  # noqa: F401  (imported so --trainer.callbacks+=FewShotEvaluator resolves)
-from engine.optimization import drop_frozen_gradients, parameter_groups
 from engine.picture_makers import ClassificationPictures
 from heads.classification import Classifier, classification_head, pooled_features
 
@@ -49,24 +47,26 @@ class ClassificationModule(TaskModule):
             ``timm:`` names a timm state dict with its classifier. Only the name and file are saved with our
             checkpoints, never the teacher's weights.
         distillation: ``soft`` (KL at temperature ``distillation_tau``, DeiT's normalisation), ``kl`` (the same per
-            sample, DynamicViT's) or ``hard`` (the teacher's argmax as label, DeiT's choice); with a distillation
+            sample, the token-pruning release's) or ``hard`` (the teacher's argmax as label, DeiT's choice); with a distillation
             token (``backbone_kwargs: {distilled: true}``) the term applies to the distillation head and the class
             head keeps the true labels.
-        distillation_alpha: the objective is ``(1 - alpha) * task loss + alpha * distillation loss``; with
-            ``token_pruning`` it is DynamicViT's: ``task loss + alpha * distillation loss + alpha * token_distill``
-            (the release's ``distill_weight`` for both) ``+ 2 * keep_ratio``.
+        distillation_alpha: the objective is ``(1 - alpha) * task loss + alpha * distillation loss``; with a
+            backbone that distils its tokens (``token_pruning``) it is the token-pruning release's: ``task loss +
+            alpha * distillation loss + alpha * token_distill`` (its ``distill_weight`` for both) ``+ 2 * keep_ratio``.
         distillation_tau: temperature of ``soft`` and ``kl`` distillation.
-        token_pruning: prune tokens as DynamicViT does (``backbones.token_pruning``; a ViT or TimeSformer backbone):
-            prediction modules before blocks ``prune_at`` keep ``keep_ratio`` of the patch tokens each; hard
-            Gumbel decisions as an attention mask in training, gathered top-k tokens at inference. Its
-            losses: ``keep_ratio`` and, with a teacher (the dense model it starts from), ``token_distill``, the
-            MSE between the student's kept final tokens and the teacher's. Class token, distillation token and
-            position embeddings stay frozen.
-        keep_ratio, prune_at: see ``DynamicViT.from_vit`` (defaults 0.7; blocks 3, 6, 9 of 12, scaled to the depth).
-        pretrained_lr_mult: with ``token_pruning``, the learning rate of the pretrained network (backbone and
-            head) relative to ``lr``, which the new prediction modules take (DynamicViT: 0.01).
-        pretrained_frozen_epochs: with ``token_pruning``, the first epochs during which the pretrained network
-            stays fixed and only the prediction modules learn (DynamicViT: 5).
+        token_pruning: prune tokens as Rao et al.'s dynamic token sparsification does (the ``dynamicvit`` token
+            reduction, ``backbones.token_pruning``; a ViT or TimeSformer backbone): prediction modules before
+            blocks ``prune_at`` keep ``keep_ratio`` of the patch tokens each; hard Gumbel decisions as an attention
+            mask in training, gathered top-k tokens at inference. Its losses: ``keep_ratio`` and, with a teacher
+            (the dense model it starts from), ``token_distill``, the MSE between the student's kept final tokens
+            and the teacher's. Class token, distillation token and position embeddings stay frozen. The same as
+            ``token_reduction: {method: dynamicvit, keep_ratio: .., prune_at: ..}``.
+        keep_ratio, prune_at: see ``backbones.token_pruning`` (defaults 0.7; blocks 3, 6, 9 of 12, scaled to the
+            depth).
+        pretrained_lr_mult: with ``token_pruning`` (or a ``token_reduction``), the learning rate of the pretrained network (backbone and
+            head) relative to ``lr``, which the new prediction modules take (the release: 0.01).
+        pretrained_frozen_epochs: with ``token_pruning`` (or a ``token_reduction``), the first epochs during which the pretrained network
+            stays fixed and only the prediction modules learn (the release: 5).
         save_token_maps: with ``token_pruning``, ``predict`` also writes each image's kept-token maps (one panel per
             stage) as ``<output_dir>/token_maps/<index>_<name>.png`` and names the file in the ``token_map`` column.
         **kwargs: backbone, data link and optimisation recipe of ``TaskModule``.
@@ -100,13 +100,15 @@ class ClassificationModule(TaskModule):
         save_token_maps: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)  # builds the backbone, then ``build_head`` (which adds token pruning), then loads weights
-        if not token_pruning and (save_token_maps or pretrained_lr_mult != 1.0 or pretrained_frozen_epochs):
-            raise ValueError("save_token_maps, pretrained_lr_mult and pretrained_frozen_epochs need token_pruning=true")
-        if token_pruning and self.hparams.freeze_backbone:
-            raise ValueError("freeze_backbone would freeze the token-pruning prediction modules too; use pretrained_frozen_epochs")
-        if token_pruning and teacher is not None and teacher.startswith("timm:"):
-            raise ValueError(f"token_pruning distils the teacher's tokens: the teacher must be one of our ViTs, not {teacher!r}")
+        super().__init__(**kwargs)  # builds the backbone (token pruning included), then ``build_head``, then loads weights
+        if self.backbone.token_reduction is None and (save_token_maps or pretrained_lr_mult != 1.0 or pretrained_frozen_epochs):
+            raise ValueError(
+                "save_token_maps, pretrained_lr_mult and pretrained_frozen_epochs need token_pruning=true (or a token_reduction)"
+            )
+        if self.backbone.distils_tokens and teacher is not None and teacher.startswith("timm:"):
+            raise ValueError(
+                f"{self.backbone.token_reduction} distils the teacher's tokens: the teacher must be one of our ViTs, not {teacher!r}"
+            )
         if (teacher is None) != (distillation == "none"):
             raise ValueError(
                 f"teacher={teacher!r} with distillation={distillation!r}: a teacher needs distillation 'soft' or "
@@ -146,38 +148,38 @@ class ClassificationModule(TaskModule):
         if stage == "fit":
             _ = self.teacher  # a bad teacher file is an error before training starts
 
+    def token_reduction_options(self) -> dict[str, Any] | None:
+        """``token_reduction``, or for ``token_pruning`` the ``dynamicvit`` reduction with ``keep_ratio`` and
+        ``prune_at``; either with the recipe ``pretrained_lr_mult``, ``pretrained_frozen_epochs``."""
+        hp, options = self.hparams, super().token_reduction_options()
+        if hp.token_pruning:
+            if options is not None:
+                raise ValueError(f"token_pruning=true and token_reduction={options} both reduce tokens; set one of them")
+            options = {"method": "dynamicvit", "keep_ratio": hp.keep_ratio, "prune_at": hp.prune_at}
+        if options is None:
+            return None
+        return {"pretrained_lr_mult": hp.pretrained_lr_mult, "pretrained_frozen_epochs": hp.pretrained_frozen_epochs, **options}
+
     def build_head(self) -> nn.Module:
         hp = self.hparams
-        if hp.token_pruning:  # here, so the head reads the pruned backbone and pretrained weights load into it
-            self.backbone = DynamicViT.from_vit(self.backbone, keep_ratio=hp.keep_ratio, prune_at=hp.prune_at)
-            for param in (self.backbone.cls_token, self.backbone.dist_token, self.backbone.pos_embed, self.backbone.time_embed):
-                if param is not None:
-                    param.requires_grad_(False)
         head = classification_head(self.backbone, self.num_classes, hp.pool, hp.head_drop_rate)
-        if hp.token_pruning and head.pool == "map":
-            raise ValueError("token_pruning with pool='map' is not supported: pool by 'cls' or 'avg'")
+        if self.backbone.token_reduction is not None and head.pool == "map":
+            raise ValueError(f"{self.backbone.token_reduction} with pool='map' is not supported: pool by 'cls' or 'avg'")
         return head
 
-    @property
-    def pruned(self) -> bool:
-        return isinstance(self.backbone, DynamicViT)
-
-    def token_weights(self) -> torch.Tensor | None:
-        """The keep state of the tokens of the last forward pass (token pruning in training), else ``None``."""
-        return self.backbone.token_weights if isinstance(self.backbone, DynamicViT) else None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(pooled_features(self.backbone, self.head.pool, x), self.token_weights())
+        return self.head(pooled_features(self.backbone, self.head.pool, x), self.backbone.token_keep_weights())
 
     def forward_stage(self, x: torch.Tensor, stage: Stage) -> torch.Tensor:
         """In training with a teacher: the class head's logits, keeping the distillation head's (with a
-        distillation token) and the pruned backbone's tokens for the distillation terms; otherwise ``forward``."""
+        distillation token) and the backbone's tokens, where it distils them, for the distillation terms; otherwise
+        ``forward``."""
         if stage != "train" or self.hparams.teacher is None:
             return self(x)
         features = pooled_features(self.backbone, self.head.pool, x)
-        self._student_tokens = features if self.pruned else None
+        self._student_tokens = features if self.backbone.distils_tokens else None
         if self.head.fc_dist is None:
-            return self.head(features, self.token_weights())
+            return self.head(features, self.backbone.token_keep_weights())
         logits, self._distillation_logits = self.head.forward_both(features)
         return logits
 
@@ -185,9 +187,6 @@ class ClassificationModule(TaskModule):
         losses = super().auxiliary_losses(batch, output, stage)
         student, self._distillation_logits = self._distillation_logits, None
         tokens, self._student_tokens = self._student_tokens, None
-        if stage == "train" and self.pruned:  # what the keep-ratio loss holds at rho, rho², rho³: one curve per stage
-            for s, kept in enumerate(self.backbone.kept_units):
-                self.log(f"train/kept_fraction_{s}", kept.float().mean(), on_step=True, on_epoch=True, batch_size=kept.shape[0])
         if stage == "train" and self.hparams.teacher is not None:
             hp = self.hparams
             if tokens is None:
@@ -206,41 +205,20 @@ class ClassificationModule(TaskModule):
         teacher = self.teacher
         if not (isinstance(teacher.network, Classifier) and teacher.network.backbone.has_tokens):
             raise ValueError(
-                f"token_pruning distils the teacher's tokens: the teacher must be one of our token backbones (the dense "
-                f"ViT the pruned one starts from), not {type(teacher.network).__name__}"
+                f"{self.backbone.token_reduction} distils the teacher's tokens: the teacher must be one of our token "
+                f"backbones (the dense ViT the student starts from), not {type(teacher.network).__name__}"
             )
         return teacher.forward_with_tokens(x)
 
     def _token_distillation(self, tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
         """MSE between the student's kept final patch tokens and the dense teacher's (prefix tokens left out)."""
-        p, weights = self.backbone.num_prefix_tokens, self.token_weights()
+        student, weights = self.backbone.distillation_tokens(tokens)
         teacher_patches = teacher_tokens[:, self.teacher.network.backbone.num_prefix_tokens :]
-        return token_distillation_loss(tokens[:, p:].float(), teacher_patches, None if weights is None else weights[:, p:])
+        return token_distillation_loss(student.float(), teacher_patches, weights)
 
     def task_loss_weight(self, stage: Stage) -> float:
-        return 1.0 - self.hparams.distillation_alpha if self.hparams.teacher is not None and not self.pruned else 1.0
-
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """With token pruning, DynamicViT's groups: the prediction modules at ``lr``, the pretrained backbone and
-        head at ``lr * pretrained_lr_mult`` and fixed for the first ``pretrained_frozen_epochs``."""
-        if not self.pruned:
-            return super().parameter_groups()
-        hp = self.hparams
-        lr = hp.lr * hp.pretrained_lr_mult
-        head_wd = hp.weight_decay if hp.head_weight_decay is None else hp.head_weight_decay
-        vit = [(n, p) for n, p in self.backbone.named_parameters() if not n.startswith("predictors.")]
-        parts = [
-            ("backbone", vit, lr, hp.weight_decay), ("head", self.head, lr * hp.head_lr_mult, head_wd),
-            ("predictors", self.backbone.predictors, hp.lr, hp.weight_decay),
-        ]
-        groups = parameter_groups(parts, self.backbone.no_weight_decay())
-        for group in groups:
-            if not group["name"].startswith("predictors"):
-                group["frozen_epochs"] = hp.pretrained_frozen_epochs
-        return groups
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        drop_frozen_gradients(optimizer, self.current_epoch)
+        distils_logits_only = self.hparams.teacher is not None and not self.backbone.distils_tokens
+        return 1.0 - self.hparams.distillation_alpha if distils_logits_only else 1.0
 
     def picture_maker(self) -> ClassificationPictures:
         return ClassificationPictures([self.class_name(i) for i in range(self.num_classes)])
@@ -281,13 +259,12 @@ class ClassificationModule(TaskModule):
         return rows
 
     def _write_token_maps(self, x: torch.Tensor, rows: list[dict[str, Any]]) -> None:
-        """The kept-token maps of the last forward pass over ``x``, one PNG per row (named in ``token_map``)."""
+        """The backbone's token maps of the last forward pass over ``x``, one PNG per row (named in ``token_map``)."""
         from engine.token_maps import write_token_maps
 
-        grid = self.backbone.unit_grid(self.backbone.patch_embed.grid(x.shape[2:]))
         names = [f"{row['index']}_{Path(row['path']).stem}" for row in rows]
         out_dir = Path(self.predict_output_dir) / "token_maps"
-        for row, path in zip(rows, write_token_maps(x, self.backbone.kept_units, grid, names, out_dir)):
+        for row, path in zip(rows, write_token_maps(x, self.backbone.token_maps(x), names, out_dir)):
             row["token_map"] = str(path)
 
 

@@ -20,9 +20,12 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from backbones import Backbone, create_backbone
 from backbones.base import AuxiliaryLoss, AuxiliaryLossSource
+from backbones.token_reduction import reduce_tokens
 from datamodules.common import TaskDataModule
 from engine.distributed import shard_task_module
-from engine.optimization import OptimizerName, ScheduleName, build_optimizer, build_schedule, parameter_groups
+from engine.optimization import (
+    OptimizerName, ScheduleName, build_optimizer, build_schedule, drop_frozen_gradients, parameter_groups,
+)
 from engine.pictures import PictureMaker, logging_callbacks
 from engine.run_state import run_state_callbacks
 from ops.onednn_linear import use_onednn_linears
@@ -68,6 +71,10 @@ class TaskModule(L.LightningModule):
         activation_checkpointing: recompute each transformer block in the backward pass instead of keeping its
             activations (``Backbone.set_activation_checkpointing``): exact, about a third more compute; a backbone
             without it is an error.
+        token_reduction: run fewer tokens through the backbone's later blocks: ``method`` (a registered token
+            reduction, ``dynamicvit``) and its options (``backbones.token_reduction.reduce_tokens``), e.g.
+            ``{method: dynamicvit, keep_ratio: 0.7}``; the wrapper is built before any weights load. ``None``:
+            every token runs through every block.
     """
 
     predict_output_dir: Path = Path("predictions")
@@ -106,6 +113,7 @@ class TaskModule(L.LightningModule):
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
         activation_checkpointing: bool = False,
+        token_reduction: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # the subclass's arguments too (``build_head`` and ``build_metrics`` read them); the class names are kept in
@@ -116,6 +124,7 @@ class TaskModule(L.LightningModule):
         self.num_classes = num_classes
         self.class_names: list[str] | None = list(class_names) if class_names else None
         self.backbone: Backbone = create_backbone(backbone, **(backbone_kwargs or {}))
+        self._reduce_backbone_tokens(freeze_backbone)  # before the head reads it and before its weights load
         self.head: nn.Module = self.build_head()
         # the linear layers' products in oneDNN on a CPU (2x MKL's on AMD processors; F.linear elsewhere)
         use_onednn_linears(self.backbone)
@@ -135,6 +144,20 @@ class TaskModule(L.LightningModule):
         self.losses = nn.ModuleDict({f"{s}_loss": MeanMetric(nan_strategy="disable") for s in ("train", "val", "test")})
         if compile:  # the module's forward (backbone and head); the step, loss and metrics run outside it
             self.compile(**(compile_options or {}))
+
+    def _reduce_backbone_tokens(self, freeze_backbone: bool) -> None:
+        """Wrap the backbone as ``token_reduction_options`` asks and fix the parameters it declares frozen."""
+        options = self.token_reduction_options()
+        if options is not None:
+            self.backbone = reduce_tokens(self.backbone, **options)
+        added = self.backbone.fine_tuning().added
+        if freeze_backbone and added:
+            raise ValueError(
+                f"freeze_backbone would freeze the modules {self.backbone.token_reduction} adds ({', '.join(added)}) "
+                "too; use pretrained_frozen_epochs"
+            )
+        for param in self.backbone.frozen_parameters():
+            param.requires_grad_(False)
 
     def class_name(self, index: int) -> str:
         return self.class_names[index] if self.class_names and index < len(self.class_names) else str(index)
@@ -174,6 +197,13 @@ class TaskModule(L.LightningModule):
 
     # --- what a task supplies -------------------------------------------------------------------------
 
+    def token_reduction_options(self) -> dict[str, Any] | None:
+        """How the backbone runs fewer tokens through its later blocks, from the task's hyper-parameters: the
+        ``method`` and options of ``backbones.token_reduction.reduce_tokens``; ``None``: it does not. Default: the
+        ``token_reduction`` argument; a task maps its own options (``token_pruning``) here."""
+        options = self.hparams.token_reduction
+        return None if options is None else dict(options)
+
     def build_head(self) -> nn.Module:
         raise NotImplementedError
 
@@ -195,6 +225,9 @@ class TaskModule(L.LightningModule):
         for part in (self.backbone, self.head):
             if isinstance(part, AuxiliaryLossSource):
                 losses.update(part.pop_auxiliary_losses())
+        if stage == "train":  # what the backbone reports of this pass (a pruned ViT's kept fraction per stage)
+            for name, value in self.backbone.training_logs().items():
+                self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=batch["target"].shape[0])
         return losses
 
     def task_loss_weight(self, stage: Stage) -> float:
@@ -318,11 +351,26 @@ class TaskModule(L.LightningModule):
     # --- optimisation -------------------------------------------------------------------------------------
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Backbone and head, each split into decayed weights and undecayed norms/biases/embeddings."""
+        """Backbone and head, each split into decayed weights and undecayed norms/biases/embeddings. The modules a
+        wrapper added to a pretrained backbone (``Backbone.fine_tuning``: a pruned ViT's predictors) get groups of
+        their own at ``lr``; the pretrained network, head included, takes ``lr * pretrained_lr_mult`` and stays
+        fixed for the first ``pretrained_frozen_epochs``."""
         hp = self.hparams
         head_wd = hp.weight_decay if hp.head_weight_decay is None else hp.head_weight_decay
-        parts = [("backbone", self.backbone, hp.lr, hp.weight_decay), ("head", self.head, hp.lr * hp.head_lr_mult, head_wd)]
-        return parameter_groups(parts, self.backbone.no_weight_decay())
+        tuning = self.backbone.fine_tuning()
+        lr = hp.lr * tuning.pretrained_lr_mult
+        added = {id(p) for module in tuning.added.values() for p in module.parameters()}
+        pretrained = [(n, p) for n, p in self.backbone.named_parameters() if id(p) not in added]
+        parts = [("backbone", pretrained, lr, hp.weight_decay), ("head", self.head, lr * hp.head_lr_mult, head_wd)]
+        parts += [(name, module, hp.lr, hp.weight_decay) for name, module in tuning.added.items()]
+        groups = parameter_groups(parts, self.backbone.no_weight_decay())
+        for group in groups:
+            if tuning.pretrained_frozen_epochs and group["name"].removesuffix("_no_decay") in ("backbone", "head"):
+                group["frozen_epochs"] = tuning.pretrained_frozen_epochs
+        return groups
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        drop_frozen_gradients(optimizer, self.current_epoch)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
