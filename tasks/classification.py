@@ -16,7 +16,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from backbones.base import AuxiliaryLoss, PoolType
-from engine.cli import run_cli
+from engine.cli import TaskCLI, run_cli
 from engine.distillation import DistillationKind, FrozenTeacher, build_teacher, distillation_loss, token_distillation_loss
 from engine.fewshot_callback import FewShotEvaluator  # noqa: F401  (imported so --trainer.callbacks+=FewShotEvaluator resolves)
 from engine.picture_makers import ClassificationPictures
@@ -268,10 +268,11 @@ class ClassificationModule(TaskModule):
             row["token_map"] = str(path)
 
 
-def main(args: Any = None) -> None:
+def main(args: Any = None) -> TaskCLI:
+    """``python -m tasks.<task>``; returns the CLI, its trainer and model after the subcommand ran."""
     from datamodules.classification import ClassificationDataModule
 
-    run_cli(ClassificationModule, ClassificationDataModule, args=args)
+    return run_cli(ClassificationModule, ClassificationDataModule, args=args)
 
 
 if __name__ == "__main__":

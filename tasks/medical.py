@@ -258,10 +258,11 @@ class MedicalCLI(TaskCLI):
         parser.link_arguments("data.roi_size", "model.sw_roi_size")
 
 
-def main(args: Any = None) -> None:
+def main(args: Any = None) -> TaskCLI:
+    """``python -m tasks.<task>``; returns the CLI, its trainer and model after the subcommand ran."""
     from datamodules.medical import MedicalDataModule
 
-    run_cli(MedicalSegmentationModule, MedicalDataModule, args=args, cli_class=MedicalCLI)
+    return run_cli(MedicalSegmentationModule, MedicalDataModule, args=args, cli_class=MedicalCLI)
 
 
 if __name__ == "__main__":

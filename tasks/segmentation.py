@@ -248,10 +248,11 @@ class SegmentationCLI(TaskCLI):
         parser.link_arguments("data.ignore_index", "model.ignore_index", apply_on="instantiate")
 
 
-def main(args: Any = None) -> None:
+def main(args: Any = None) -> TaskCLI:
+    """``python -m tasks.<task>``; returns the CLI, its trainer and model after the subcommand ran."""
     from datamodules.segmentation import SegmentationDataModule
 
-    run_cli(SegmentationModule, SegmentationDataModule, args=args, cli_class=SegmentationCLI)
+    return run_cli(SegmentationModule, SegmentationDataModule, args=args, cli_class=SegmentationCLI)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from engine.cli import run_cli
+from engine.cli import TaskCLI, run_cli
 from engine.picture_makers import VideoPictures
 
 from .classification import ClassificationModule
@@ -127,10 +127,11 @@ class VideoClassificationModule(ClassificationModule):
         ]
 
 
-def main(args: Any = None) -> None:
+def main(args: Any = None) -> TaskCLI:
+    """``python -m tasks.<task>``; returns the CLI, its trainer and model after the subcommand ran."""
     from datamodules.video import VideoDataModule
 
-    run_cli(VideoClassificationModule, VideoDataModule, args=args)
+    return run_cli(VideoClassificationModule, VideoDataModule, args=args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from datamodules.synthetic import shape_image
 
@@ -53,3 +54,14 @@ def read_metrics(save_dir: Path) -> list[dict[str, float]]:
 
 def last_value(rows: list[dict[str, float]], key: str) -> float:
     return [r[key] for r in rows if key in r][-1]
+
+
+def assert_trained(cli) -> None:
+    """A one-epoch fit through the CLI (``fast_dev_run``) made an optimizer step for every training batch, with a
+    finite training loss, and validated."""
+    trainer = cli.trainer
+    steps = trainer.num_training_batches // trainer.accumulate_grad_batches
+    assert steps >= 1 and trainer.global_step == steps, f"{trainer.global_step} optimizer steps, expected {steps}"
+    loss = trainer.callback_metrics.get("train/loss")
+    assert loss is not None and bool(torch.isfinite(loss)), f"train/loss is {loss}"
+    assert any(k.startswith("val/") for k in trainer.callback_metrics), sorted(trainer.callback_metrics)

@@ -1,4 +1,7 @@
-"""Test settings: a private synthetic-data cache, two threads, deterministic seeds."""
+"""Test settings: a private synthetic-data cache, two threads, deterministic seeds, and the tiers.
+
+Tiers (markers, pyproject.toml): ``python -m pytest`` runs every test that can run here; ``python -m pytest -m "not
+slow and not distributed"`` is the quick tier; ``gpu`` tests skip without CUDA."""
 
 from __future__ import annotations
 
@@ -9,6 +12,16 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests skip where CUDA is not available (CI, the development machines)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session", autouse=True)

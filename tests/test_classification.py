@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runs import assert_trained
 from PIL import Image
 
 from datamodules.classification import ClassificationDataModule
@@ -166,8 +167,9 @@ def test_cli_fit_test_predict_end_to_end(tmp_path: Path) -> None:
 
 
 def test_default_config_fast_dev_run_on_synthetic_shapes(tmp_path: Path) -> None:
-    main([
+    cli = main([
         "fit", "--config=configs/vit_small_patch16.yaml", "--trainer.fast_dev_run=2", "--data.num_workers=0",
         "--model.backbone_kwargs={img_size: 64, depth: 2}", f"--trainer.default_root_dir={tmp_path}",
         "--data.synthetic_train_per_class=8",
     ])
+    assert_trained(cli)

@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from cli_runs import assert_trained
 
 from backbones import create_backbone
 from backbones.efficientformer_v2 import AttentionDownsample, TalkingHeadAttention
@@ -242,13 +243,15 @@ def test_contract(name: str) -> None:
 
 
 def test_segmentation_and_classification_train(tmp_path: Path) -> None:
-    segmentation_main([
+    cli = segmentation_main([
         "fit", "--config=configs/segformer_efficientformerv2_s0.yaml", "--trainer.fast_dev_run=1",
         "--data.synthetic_size=64", "--data.synthetic_train=2", "--data.synthetic_val=2", "--data.crop_size=[64, 64]",
         "--data.batch_size=2", "--data.val_batch_size=2", "--data.num_workers=0", f"--trainer.default_root_dir={tmp_path}",
     ])
-    classification_main([
+    assert_trained(cli)
+    cli = classification_main([
         "fit", "--config=configs/efficientformerv2_s0.yaml", "--model.backbone=efficientformerv2_s0",
         "--model.backbone_kwargs={img_size: 64}", "--trainer.fast_dev_run=1", "--data.num_workers=0",
         "--data.synthetic_train_per_class=4", "--data.batch_size=4", f"--trainer.default_root_dir={tmp_path}",
     ])
+    assert_trained(cli)

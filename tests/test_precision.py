@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import assert_trained
 
 from tasks.classification import ClassificationModule
 
@@ -50,10 +51,12 @@ TASK_RUNS: dict[str, list[str] | Callable[[Path], list[str]]] = {
 def test_bf16_mixed_fast_dev_run(task: str, tmp_path: Path) -> None:
     run = TASK_RUNS[task]
     args = run(tmp_path) if callable(run) else run
-    importlib.import_module(f"tasks.{task}").main([
+    cli = importlib.import_module(f"tasks.{task}").main([
         "fit", *args, "--trainer.precision=bf16-mixed", "--trainer.fast_dev_run=2", "--trainer.accelerator=cpu",
         "--trainer.devices=1", "--data.num_workers=0", f"--trainer.default_root_dir={tmp_path}",
     ])
+    assert_trained(cli)
+    assert cli.trainer.precision == "bf16-mixed"
 
 
 def test_loss_and_metrics_run_in_fp32_under_autocast() -> None:

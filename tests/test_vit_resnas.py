@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runs import assert_trained
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -189,7 +190,7 @@ def test_release_checkpoint_from_another_resolution_is_resampled(tmp_path: Path)
 
 
 def test_classification_fast_dev_run(tmp_path: Path) -> None:
-    main([
+    cli = main([
         "fit", "--config=configs/vit_resnas_tiny.yaml", "--trainer.fast_dev_run=2", "--data.num_workers=0",
         (
             "--model.backbone_kwargs={img_size: 112, stem_channels: 8, embed_dims: [16, 24, 32], "
@@ -197,12 +198,13 @@ def test_classification_fast_dev_run(tmp_path: Path) -> None:
         ),
         "--data.batch_size=4", f"--trainer.default_root_dir={tmp_path}", "--data.synthetic_train_per_class=8",
     ])
+    assert_trained(cli)
 
 
 def test_segmentation_fast_dev_run_over_the_three_maps(tmp_path: Path) -> None:
     from tasks.segmentation import main as segmentation_main
 
-    segmentation_main([
+    cli = segmentation_main([
         "fit", "--config=configs/segformer_b0.yaml", "--model.backbone=vit_resnas_tiny", "--trainer.fast_dev_run=2",
         (
             "--model.backbone_kwargs={img_size: 112, stem_channels: 8, embed_dims: [16, 24, 32], "
@@ -212,3 +214,5 @@ def test_segmentation_fast_dev_run_over_the_three_maps(tmp_path: Path) -> None:
         "--data.synthetic_val=2", "--data.batch_size=2", "--data.val_batch_size=2", "--data.num_workers=0",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu",
     ])
+    assert_trained(cli)
+    assert len(cli.model.head.linear) == 3  # the decoder reads the three stage maps
