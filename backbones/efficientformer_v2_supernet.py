@@ -17,114 +17,37 @@ sub-networks, which the task's training step runs one after another on the same 
 one optimizer step, the largest's predictions teaching the others (in-place distillation) when
 ``inplace_distillation`` is set.
 
-A sub-network is a plain dict (YAML- and JSON-friendly)::
-
-    {"embed_dims": [w0, w1, w2, w3], "mlp_ratios": [[e, ...], ...], "keep": [[True, False, ...], ...]}
+It implements the ``Supernet`` contract of ``backbones.base`` (what a network search needs); the search space,
+its sub-network configs (plain dicts), reductions and MACs count are in ``efficientformer_v2_space``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .base import SubnetPasses
-from .efficientformer_v2 import ConvNorm, EfficientFormerV2, LocalGlobalQuery
+from .base import Gene, LatencyPart, Reduction, SubnetPasses, Supernet
+from .efficientformer_v2 import (
+    AttentionDownsample, ConvNorm, Downsample, EfficientFormerV2, EfficientFormerV2Block, LocalGlobalQuery,
+    TalkingHeadAttention,
+)
+from .efficientformer_v2_space import (  # noqa: F401  (importable from here as before)
+    WIDTH_STEP, EfficientFormerV2Space, SubnetConfig, count_macs_params, count_params,
+)
 from .layers import to_tuple
 from .registry import build_preset, register
 
-SubnetConfig = dict[str, Any]
-WIDTH_STEP = 16
-
-
-@dataclass(frozen=True)
-class EfficientFormerV2Space:
-    """Per stage: widths (widest first, steps of ``WIDTH_STEP``), blocks, the blocks that may be dropped; per
-    block: the expansion ratios (largest first)."""
-
-    embed_dims: tuple[tuple[int, ...], ...]
-    mlp_ratios: tuple[float, ...]
-    depths: tuple[int, ...]
-    removable: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def build(cls, embed_dims: Sequence[int], min_embed_dims: Sequence[int], mlp_ratio_choices: Sequence[float],
-              depths: Sequence[int], attention_blocks: int) -> EfficientFormerV2Space:
-        n = len(depths)
-        if len(embed_dims) != n or len(min_embed_dims) != n:
-            raise ValueError(f"embed_dims, min_embed_dims and depths need one entry per stage, got {list(embed_dims)}, "
-                             f"{list(min_embed_dims)}, {list(depths)}")
-        widths = []
-        for s, (hi, lo) in enumerate(zip(embed_dims, min_embed_dims)):
-            if not 0 < lo <= hi or (hi - lo) % WIDTH_STEP or lo % 2:
-                raise ValueError(f"stage {s}: widths from embed_dims {hi} down to min_embed_dims {lo} must go in steps "
-                                 f"of {WIDTH_STEP} and be even and positive (e.g. min_embed_dims {hi - WIDTH_STEP * ((hi - 1) // WIDTH_STEP)})")
-            widths.append(tuple(range(hi, lo - 1, -WIDTH_STEP)))
-        ratios = tuple(sorted({float(r) for r in mlp_ratio_choices}, reverse=True))
-        if not ratios or ratios[-1] <= 0:
-            raise ValueError(f"mlp_ratio_choices must be positive, got {list(mlp_ratio_choices)}")
-        removable = []
-        for s, d in enumerate(depths):
-            attn = attention_blocks if s >= 2 else 0
-            if d < 1 or d < attn:
-                raise ValueError(f"stage {s}: depth {d} is below its {attn} attention blocks")
-            removable.append(tuple(range(1, max(1, d - attn))))
-        return cls(tuple(widths), ratios, tuple(int(d) for d in depths), tuple(removable))
-
-    def extreme(self, largest: bool) -> SubnetConfig:
-        """The largest network (widest, largest ratios, every block) or the smallest (narrowest, smallest ratios,
-        every removable block dropped)."""
-        pick = 0 if largest else -1
-        return {"embed_dims": [w[pick] for w in self.embed_dims],
-                "mlp_ratios": [[self.mlp_ratios[pick]] * d for d in self.depths],
-                "keep": [[largest or j not in r for j in range(d)] for d, r in zip(self.depths, self.removable)]}
-
-    def sample(self, generator: torch.Generator) -> SubnetConfig:
-        """A sub-network with every choice uniform, drawn from ``generator`` alone."""
-        def pick(choices: Sequence[Any]) -> Any:
-            return choices[int(torch.randint(len(choices), (1,), generator=generator))]
-        return {"embed_dims": [pick(w) for w in self.embed_dims],
-                "mlp_ratios": [[pick(self.mlp_ratios) for _ in range(d)] for d in self.depths],
-                "keep": [[j not in r or pick((True, False)) for j in range(d)] for d, r in zip(self.depths, self.removable)]}
-
-    def check(self, config: Any) -> SubnetConfig:
-        """``config`` normalised; a ValueError naming the key and its allowed values when it is outside the space."""
-        keys = {"embed_dims", "mlp_ratios", "keep"}
-        if not isinstance(config, dict) or set(config) != keys:
-            got = sorted(config) if isinstance(config, dict) else type(config).__name__
-            raise ValueError(f"a sub-network config has keys {sorted(keys)}; got {got}")
-        n = len(self.depths)
-        for field in ("embed_dims", "mlp_ratios", "keep"):
-            rows = config[field]
-            if len(rows) != n or (field != "embed_dims" and any(len(r) != d for r, d in zip(rows, self.depths))):
-                raise ValueError(f"{field} must have {n} stages" + ("" if field == "embed_dims" else
-                                 f" of {list(self.depths)} blocks") + f", got {rows}")
-        for s, (w, choices) in enumerate(zip(config["embed_dims"], self.embed_dims)):
-            if w not in choices:
-                raise ValueError(f"embed_dims[{s}] = {w!r} is outside the search space: allowed values {choices}")
-        for s, d in enumerate(self.depths):
-            for j in range(d):
-                if config["mlp_ratios"][s][j] not in self.mlp_ratios:
-                    raise ValueError(f"mlp_ratios[{s}][{j}] = {config['mlp_ratios'][s][j]!r} is outside the search "
-                                     f"space: allowed values {self.mlp_ratios}")
-                if not config["keep"][s][j] and j not in self.removable[s]:
-                    raise ValueError(f"keep[{s}][{j}] = False is outside the search space: block {j} of stage {s} "
-                                     f"cannot be dropped (removable blocks: {self.removable[s]})")
-        return {"embed_dims": [int(w) for w in config["embed_dims"]],
-                "mlp_ratios": [[float(e) for e in r] for r in config["mlp_ratios"]],
-                "keep": [[bool(k) for k in r] for r in config["keep"]]}
-
-
-class EfficientFormerV2Supernet(EfficientFormerV2):
+class EfficientFormerV2Supernet(EfficientFormerV2, Supernet):
     """An ``EfficientFormerV2`` with the largest network of a search space, whose sub-networks run through masks.
 
     ``set_subnet(config)`` runs one sub-network, ``set_subnet(SubnetPasses)`` the sandwich of a training step (its
     first network active until the step switches), ``set_subnet(None)`` the largest network. ``extract(config)``
-    is the sub-network as a standalone ``EfficientFormerV2``; ``params(config)`` counts its parameters.
+    is the sub-network as a standalone ``EfficientFormerV2`` (the class of the ``efficientformerv2_l`` preset);
+    ``macs_params(config)`` counts its MACs and parameters.
 
     Args:
         embed_dims: widest width of each stage.
@@ -136,6 +59,8 @@ class EfficientFormerV2Supernet(EfficientFormerV2):
         inplace_distillation: the smaller networks of a step learn the largest's predictions instead of the labels.
         img_size, in_chans, out_indices, drop_rate, drop_path_rate, layer_scale_init_value: as ``EfficientFormerV2``.
     """
+
+    subnet_preset = "efficientformerv2_l"
 
     def __init__(
         self,
@@ -166,7 +91,8 @@ class EfficientFormerV2Supernet(EfficientFormerV2):
         )
         self.space = space
         self.fixed_kwargs = {"img_size": list(to_tuple(img_size, 2, "img_size")), "in_chans": in_chans,
-                             "attention_blocks": attention_blocks, "layer_scale_init_value": layer_scale_init_value}
+                             "attention_blocks": attention_blocks, "layer_scale_init_value": layer_scale_init_value,
+                             "distilled": False}
         self.num_random = num_random
         self.inplace_distillation = inplace_distillation
         self.active: SubnetConfig | None = None
@@ -256,7 +182,7 @@ class EfficientFormerV2Supernet(EfficientFormerV2):
         config = self.space.check(config)
         ratios = [[e for e, k in zip(r, ks) if k] for r, ks in zip(config["mlp_ratios"], config["keep"])]
         return {**self.fixed_kwargs, "embed_dims": config["embed_dims"], "depths": [len(r) for r in ratios],
-                "mlp_ratios": ratios, "distilled": False}
+                "mlp_ratios": ratios}
 
     def extract(self, config: SubnetConfig) -> EfficientFormerV2:
         """The sub-network as an ``EfficientFormerV2`` with weights sliced from (copies of) the super-network's."""
@@ -279,40 +205,74 @@ class EfficientFormerV2Supernet(EfficientFormerV2):
         """Parameters of the extracted sub-network, counted analytically."""
         return count_params(self.arch_kwargs(config))
 
+    def macs_params(self, config: SubnetConfig) -> tuple[int, int]:
+        return count_macs_params(self.arch_kwargs(config))
+
+    # --- the search space (the Supernet contract) --------------------------------------------------------------
+
+    def search_space(self) -> list[Gene]:
+        return self.space.genes()
+
+    def subnet(self, genes: Sequence[Any]) -> SubnetConfig:
+        return self.space.decode(genes)
+
+    def subnet_genes(self, config: SubnetConfig) -> tuple[Any, ...]:
+        return self.space.encode(config)
+
+    def extreme_subnet(self, largest: bool) -> SubnetConfig:
+        return self.space.extreme(largest)
+
+    def reductions(self, config: SubnetConfig) -> list[Reduction]:
+        return self.space.reductions(config)
+
+    def latency_parts(self, config: SubnetConfig, batch_size: int) -> list[LatencyPart]:
+        """The stem at its width, every downsampling at its two widths, every kept block at its stage, width and
+        hidden width, each in its inference form (``fuse()``)."""
+        config = self.space.check(config)
+        fixed, b = self.fixed_kwargs, batch_size
+        size, attn_blocks = fixed["img_size"], fixed["attention_blocks"]
+        dims = config["embed_dims"]
+        grid = lambda s: [math.ceil(v / 2 ** (s + 2)) for v in size]  # noqa: E731
+
+        def stem() -> tuple[nn.Module, tuple[torch.Tensor]]:
+            layers = nn.Sequential(ConvNorm(fixed["in_chans"], dims[0] // 2, 3, stride=2, act_layer=nn.GELU),
+                                   ConvNorm(dims[0] // 2, dims[0], 3, stride=2, act_layer=nn.GELU))
+            return _fused(layers), (torch.randn(b, fixed["in_chans"], *size),)
+
+        parts = [LatencyPart(f"stem:{dims[0]}", stem)]
+        for s, c in enumerate(dims):
+            if s > 0:
+                cin, prev = dims[s - 1], grid(s - 1)
+
+                def down(cin: int = cin, c: int = c, prev: list[int] = prev, s: int = s) -> tuple[nn.Module, tuple]:
+                    attn = AttentionDownsample(cin, c, table_grid=tuple(prev)) if s >= 3 else None
+                    return _fused(Downsample(cin, c, attn)), (torch.randn(b, cin, *prev),)
+                parts.append(LatencyPart(f"down{s}:{cin}:{c}", down))
+            for j in range(self.space.depths[s]):
+                if not config["keep"][s][j]:
+                    continue
+                hidden, attn = int(c * config["mlp_ratios"][s][j]), s >= 2 and j >= self.space.depths[s] - attn_blocks
+
+                def block(c: int = c, hidden: int = hidden, attn: bool = attn, s: int = s) -> tuple[nn.Module, tuple]:
+                    stride, g = (2 if s == 2 else 1), grid(s)
+                    mixer = TalkingHeadAttention(c, table_grid=tuple(math.ceil(v / stride) for v in g), stride=stride)
+                    block = EfficientFormerV2Block(c, hidden, attn=mixer if attn else None)
+                    return _fused(block), (torch.randn(b, c, *g),)
+                parts.append(LatencyPart(f"block{s}:{c}:{hidden}:{int(attn)}", block))
+        return parts
+
+
+def _fused(module: nn.Module) -> nn.Module:
+    """``module`` (or each module of a ``Sequential``) in its inference form."""
+    module.eval()
+    for m in module.children() if isinstance(module, nn.Sequential) else (module,):
+        m.fuse()
+    return module
+
 
 def _masked(x: torch.Tensor, width: int) -> torch.Tensor:
     mask = torch.arange(x.shape[1], device=x.device) < width
     return x * mask.view(1, -1, *(1,) * (x.ndim - 2)).to(x.dtype)
-
-
-def count_params(arch: dict[str, Any]) -> int:
-    """Parameters of ``EfficientFormerV2(**arch)`` (the attention's fixed sizes: 8 heads, key dimension 32 in the
-    blocks and 16 in the downsampling, value ratio 4), without building it."""
-    def conv_norm(cin: int, cout: int, k: int = 1, groups: int = 1) -> int:
-        return cout * (cin // groups) * k * k + 3 * cout  # weight, bias, BN weight and bias
-
-    dims, depths, n_attn = arch["embed_dims"], arch["depths"], arch.get("attention_blocks", 2)
-    size = to_tuple(arch.get("img_size", 224), 2, "img_size")
-    ratios = arch["mlp_ratios"]
-    total = conv_norm(arch.get("in_chans", 3), dims[0] // 2, 3) + conv_norm(dims[0] // 2, dims[0], 3)
-    for s, c in enumerate(dims):
-        grid = [math.ceil(v / 2 ** (s + 2)) for v in size]
-        if s > 0:
-            total += conv_norm(dims[s - 1], c, 3)
-            if s >= 3:
-                cin, prev = dims[s - 1], [math.ceil(v / 2 ** (s + 1)) for v in size]
-                total += (cin * 9 + cin) + conv_norm(cin, 128) + conv_norm(cin, 128) + conv_norm(cin, 512)
-                total += conv_norm(512, 512, 3, 512) + conv_norm(512, c) + 8 * math.prod(prev)
-        per_block = ratios[s] if isinstance(ratios[s], (list, tuple)) else [ratios[s]] * depths[s]
-        for j, e in enumerate(per_block):
-            h = int(c * e)
-            total += conv_norm(c, h) + conv_norm(h, h, 3, h) + conv_norm(h, c) + c
-            if s >= 2 and j >= depths[s] - n_attn:
-                stride = 2 if s == 2 else 1
-                table = [math.ceil(g / stride) for g in grid]
-                total += c + (conv_norm(c, c, 3, c) if stride > 1 else 0) + 2 * conv_norm(c, 256) + conv_norm(c, 1024)
-                total += conv_norm(1024, 1024, 3, 1024) + 2 * (8 * 8 + 8) + conv_norm(1024, c) + 8 * math.prod(table)
-    return total + 2 * dims[-1]
 
 
 def _supernet(overrides: dict[str, Any], **space: Any) -> EfficientFormerV2Supernet:

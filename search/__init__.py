@@ -1,3 +1,3 @@
-"""Network search over a super-network (the ``Supernet`` contract of ``backbones.base``): evolution (ViT-ResNAS) and
-MES pruning (EfficientFormerV2), the sandwich rule of super-network training, latency tables, the hold-out data
-and one writer of the results. Run by ``python -m tasks.search``."""
+"""Network search over any super-network (the ``Supernet`` contract of ``backbones.base``): evolution and MES pruning,
+the sandwich rule of super-network training, costs and budgets, latency tables, the hold-out data and one writer of
+the results. Run by ``python -m tasks.search``."""

@@ -1,4 +1,4 @@
-"""The sandwich rule (Yu & Huang, 2019, used for the EfficientFormerV2 super-network): one training step runs the
+"""The sandwich rule (Yu & Huang, 2019, used by Li et al., 2022 for their super-network): one training step runs the
 sub-networks a super-network's ``training_passes`` names, one after another on the same (augmented) batch, and sums
 their losses, so their gradients accumulate into one optimizer step.
 

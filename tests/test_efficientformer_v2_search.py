@@ -1,7 +1,9 @@
 """EfficientFormerV2's fine-grained joint search: an extracted sub-network equals the masked super-network running it
-(and its analytical parameter count its numel), the sandwich step sums the four networks' losses into gradients of
-the shared weights with deterministic draws, the MES-guided pruning on a tiny super-network trained through the CLI
-ends within its budget and writes its CSV, plot and a network the CLI fine-tunes, and bad input is refused clearly."""
+(and its analytical MACs and parameter counts the flop counter's and its numel), genes and reductions stay in the
+space, the sandwich step sums the four networks' losses into gradients of the shared weights with deterministic
+draws, the MES-guided pruning on a tiny super-network trained through the CLI ends within its budget and writes its
+CSV, plot and a network the CLI fine-tunes, evolution searches the same space, either's found network gives the
+super-network's logits, and bad input is refused clearly."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from backbones import create_backbone
 from backbones.base import SubnetPasses
@@ -23,8 +27,10 @@ from backbones.efficientformer_v2_supernet import EfficientFormerV2Supernet
 from datamodules.synthetic import shape_image
 from tasks.classification import ClassificationModule
 from tasks.classification import main as classification_main
+from search.costs import MobileEfficiency
 from search.run import main as search_main
-from search.mes import MobileEfficiency
+
+from test_search import check_found_network
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,7 +73,26 @@ def test_extracted_subnetwork_equals_the_masked_supernetwork(supernet: Efficient
             pooled, ref = supernet.forward_pooled(x), net.forward_pooled(x)
             assert (pooled[:, : ref.shape[1]] - ref).abs().max() <= 1e-5
         assert supernet.params(config) == sum(p.numel() for p in net.parameters())
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+            net(torch.randn(1, 3, 32, 32))
+        assert supernet.macs_params(config) == (counter.get_total_flops() // 2, supernet.params(config))
     supernet.set_subnet(None)
+
+
+def test_genes_and_reductions_stay_in_the_space(supernet: EfficientFormerV2Supernet) -> None:
+    names = [name for name, _ in supernet.search_space()]
+    assert names[:4] == [f"embed_dims[{s}]" for s in range(4)] and "keep[0][1]" in names and "keep[3][1]" not in names
+    largest, smallest = supernet.extreme_subnet(largest=True), supernet.extreme_subnet(largest=False)
+    assert largest == supernet.space.extreme(largest=True) and smallest == supernet.space.extreme(largest=False)
+    for config in (largest, smallest, *supernet.sample_subnet(torch.Generator().manual_seed(3)).configs):
+        assert supernet.subnet(supernet.subnet_genes(config)) == config
+    moves = supernet.reductions(largest)
+    assert {m.action.split()[0] for m in moves} == {"narrow", "drop", "ratio"} and not supernet.reductions(smallest)
+    for move in moves:  # one step smaller, in the space
+        assert supernet.macs_params(move.config)[1] < supernet.macs_params(largest)[1]
+        supernet.subnet_genes(move.config)
+    keys = [part.key for part in supernet.latency_parts(largest, batch_size=1)]
+    assert keys[0] == "stem:32" and len(keys) == 1 + 3 + sum(sum(k) for k in largest["keep"])
 
 
 def test_published_s0_lies_in_the_s_space() -> None:
@@ -141,7 +166,7 @@ def supernet_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def search_args(ckpt: Path, out: Path, *budget: str) -> list[str]:
     return [f"--ckpt_path={ckpt}", "--supernet=efficientformerv2_supernet_s", "--strategy=mes_pruning",
-            f"--output_dir={out}", "--data.search_holdout_per_class=4", "--pruning.calibration_batches=1",
+            f"--output_dir={out}", "--data.search_holdout_per_class=4", "--data.calibration_batches=1",
             "--latency.repeats=1", "--latency.warmup=0", *budget]
 
 
@@ -179,8 +204,11 @@ def test_bad_budgets_spaces_and_configs_are_refused(supernet_ckpt: Path, superne
         search_main(search_args(supernet_ckpt, tmp_path, "--budget.params=1000"))
     with pytest.raises(ValueError, match="needs a budget: budget.mes"):
         search_main(search_args(supernet_ckpt, tmp_path))
-    with pytest.raises(ValueError, match="is not a ViTResNASSupernet"):
-        search_main(search_args(supernet_ckpt, tmp_path, "--budget.macs=1e6", "--strategy=evolution"))
+    with pytest.raises(ValueError, match="holds backbone 'efficientformerv2_supernet_s', but this search is over the "
+                                         "super-network 'efficientformerv2_supernet_l'"):
+        search_main(search_args(supernet_ckpt, tmp_path, "--budget.mes=100") + ["--supernet=efficientformerv2_supernet_l"])
+    with pytest.raises(ValueError, match=r"MACs budget 5e\+05 is below the smallest reachable MACs \d+"):
+        search_main(search_args(supernet_ckpt, tmp_path, "--budget.macs=5e5", "--strategy=evolution"))
     with pytest.raises(ValueError, match="stage 1: widths from embed_dims 48 down to min_embed_dims 40 must go in steps of 16"):
         create_backbone("efficientformerv2_supernet_s", **{**TINY, "embed_dims": (32, 48, 48, 64), "min_embed_dims": (16, 40, 32, 48)})
     config = supernet.space.extreme(largest=True)
@@ -192,3 +220,21 @@ def test_bad_budgets_spaces_and_configs_are_refused(supernet_ckpt: Path, superne
     with pytest.raises(ValueError, match=r"keep\[3\]\[1\] = False .* cannot be dropped"):
         supernet.set_subnet(config)
     assert isinstance(supernet.sample_subnet(torch.Generator()), SubnetPasses)
+
+
+@pytest.mark.parametrize("strategy", ["evolution", "mes_pruning"])
+def test_either_strategy_finds_a_network_with_the_supernetworks_logits(supernet_ckpt: Path, tmp_path: Path,
+                                                                       strategy: str) -> None:
+    out = tmp_path / strategy
+    args = [f"--ckpt_path={supernet_ckpt}", "--supernet=efficientformerv2_supernet_s", f"--strategy={strategy}",
+            f"--output_dir={out}", "--data.search_holdout_per_class=4", "--latency.repeats=1", "--latency.warmup=0"]
+    if strategy == "evolution":  # a MACs window of [1.4, 2.0] M
+        args += ["--budget.macs=2e6", "--budget.macs_tolerance=0.3", "--evolution.population=4",
+                 "--evolution.generations=1", "--evolution.parents=2", "--evolution.mutations=2",
+                 "--evolution.crossovers=2"]
+    else:
+        args += ["--budget.macs=2.5e6"]  # a MACs budget for the pruning too
+    search_main(args)
+    found = check_found_network(out, supernet_ckpt, "efficientformerv2_supernet_s", 32)
+    macs = int(found["macs"])
+    assert (1.4e6 <= macs <= 2e6) if strategy == "evolution" else macs <= 2.5e6

@@ -44,7 +44,6 @@ def graph() -> dict[str, set[str]]:
     return {module_name(p): imports_of(p) for p in sources()}
 
 
-@pytest.mark.xfail(strict=True, reason="search/ loads super-networks through tasks.classification until the Supernet seam")
 def test_every_import_runs_down_the_layers() -> None:
     upward = [
         f"{a} imports {b}"
@@ -55,7 +54,6 @@ def test_every_import_runs_down_the_layers() -> None:
     assert not upward, "\n".join(upward)
 
 
-@pytest.mark.xfail(strict=True, reason="search/ loads super-networks through tasks.classification until the Supernet seam")
 def test_no_module_imports_itself_back_in_a_circle() -> None:
     edges = graph()
     # a package's __init__ importing its own sub-modules (registration) is not a circle of concepts

@@ -1,6 +1,8 @@
-"""The evolutionary search: a tiny super-network trained through the CLI (its hold-out left out) is searched within a
-MACs budget, resumes after its last generation, plots its Pareto front, refuses bad budgets and checkpoints, and its
-found network runs through the CLI; the hold-out the search scores on is exactly what training left out."""
+"""The search over a ViT-ResNAS super-network: a tiny one trained through the CLI (its hold-out left out) is searched
+by evolution within a MACs budget, resumes after its last generation, plots its Pareto front, refuses bad budgets and
+checkpoints, and its found network runs through the CLI; MES pruning searches the same space; either's found network
+gives the super-network's logits for the sub-network it names; the hold-out the search scores on is exactly what
+training left out."""
 
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ import torch
 import yaml
 from PIL import Image
 
+from backbones import create_backbone
 from datamodules.classification import ClassificationDataModule, split_holdout
 from datamodules.synthetic import shape_image
-from tasks.classification import main as classification_main
+from search.holdout import holdout_dataset
+from search.network import load_supernet
 from search.run import build_parser
 from search.run import main as search_main
-from search.holdout import holdout_dataset
+from tasks.classification import ClassificationModule
+from tasks.classification import main as classification_main
 
 from test_vit_resnas_supernet import TINY
 
@@ -57,6 +62,25 @@ def search_args(ckpt: Path, out: Path, **budget: float) -> list[str]:
     return args + [f"--budget.{k}={v}" for k, v in budget.items()]
 
 
+def check_found_network(out: Path, ckpt: Path, supernet: str, size: int) -> dict[str, str]:
+    """The ``found.yaml`` a search wrote in ``out`` builds (``ClassificationModule``, weights from ``found.pth``) a
+    network whose logits are the super-network's running the found sub-network (the last chosen candidate's
+    ``subnet``); returns that candidate's row."""
+    with open(out / "candidates.csv") as f:
+        found = [r for r in csv.DictReader(f) if r["chosen"] == "1"][-1]
+    recipe = yaml.safe_load((out / "found.yaml").read_text())
+    assert recipe["data"]["search_holdout_per_class"] == 0  # the found network trains on every training image
+    model = ClassificationModule(**recipe["model"], num_classes=3).eval()
+    checkpoint = load_supernet(ckpt, supernet)
+    checkpoint.supernet.set_subnet(json.loads(found["subnet"]))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert (model(x) - checkpoint.network(x)).abs().max() <= 1e-4
+    assert recipe["model"]["backbone"] == checkpoint.supernet.subnet_preset
+    assert {k: recipe["model"]["backbone_kwargs"][k] for k in json.loads(found["architecture"])} == json.loads(found["architecture"])
+    return found
+
+
 def test_search_keeps_the_budget_resumes_and_its_network_runs_through_the_cli(supernet_ckpt, tmp_path: Path) -> None:
     root, ckpt = supernet_ckpt
     out = tmp_path / "search"
@@ -66,6 +90,9 @@ def test_search_keeps_the_budget_resumes_and_its_network_runs_through_the_cli(su
     assert len(rows) == 6 + 2 * 6 and {r["generation"] for r in rows} == {"0", "1", "2"}
     assert all(0.975 * 1.65e6 <= int(r["macs"]) <= 1.65e6 and float(r["latency_ms"]) > 0 for r in rows)
     assert float(rows[0]["top1"]) == max(float(r["top1"]) for r in rows)
+    assert [r["chosen"] for r in rows] == ["1"] + ["0"] * 17  # the best is the one found
+    assert {r["action"] for r in rows} == {"random", "mutation", "crossover"}
+    check_found_network(out, ckpt, "vit_resnas_supernet_tiny", 56)
     state = json.loads((out / "state.json").read_text())
     assert state["generation"] == 2 and len(state["records"]) == 18
     with Image.open(out / "pareto.png") as plot:  # top-1 against MACs and against latency, side by side
@@ -82,6 +109,24 @@ def test_search_keeps_the_budget_resumes_and_its_network_runs_through_the_cli(su
     classification_main(["fit", *common, "--trainer.fast_dev_run=true"])
 
 
+def test_mes_pruning_searches_the_same_space(supernet_ckpt, tmp_path: Path) -> None:
+    _, ckpt = supernet_ckpt
+    with torch.device("meta"):
+        space = create_backbone("vit_resnas_supernet_tiny", **TINY)
+    largest = space.macs_params(space.extreme_subnet(largest=True))[1]
+    out = tmp_path / "mes"
+    search_main([f"--ckpt_path={ckpt}", "--supernet=vit_resnas_supernet_tiny", "--strategy=mes_pruning",
+                 f"--output_dir={out}", "--data.search_holdout_per_class=4", "--latency.repeats=1", "--latency.warmup=0",
+                 f"--budget.params={largest - 6000}"])
+    with open(out / "candidates.csv") as f:
+        rows = list(csv.DictReader(f))
+    path = [r for r in rows if r["chosen"] == "1"]
+    assert path[0]["action"] == "largest" and len(path) >= 2 and int(path[-1]["params"]) <= largest - 6000
+    assert all(float(b["mes"]) > float(a["mes"]) for a, b in zip(path, path[1:]))
+    assert {r["action"].split()[0] for r in rows} >= {"narrow", "skip", "heads", "MLP"}
+    assert check_found_network(out, ckpt, "vit_resnas_supernet_tiny", 56) == path[-1]
+
+
 def test_bad_budgets_and_checkpoints_are_refused(supernet_ckpt, tmp_path: Path) -> None:
     _, ckpt = supernet_ckpt
     with pytest.raises(ValueError, match=r"below the smallest reachable MACs \d+ "):
@@ -90,6 +135,10 @@ def test_bad_budgets_and_checkpoints_are_refused(supernet_ckpt, tmp_path: Path) 
     other[1] = "--supernet=vit_resnas_supernet_small"
     with pytest.raises(ValueError, match="'vit_resnas_supernet_tiny'.*'vit_resnas_supernet_small'"):
         search_main(other)
+    with pytest.raises(ValueError, match="needs a budget: budget.mes"):
+        search_main(search_args(ckpt, tmp_path))
+    with pytest.raises(ValueError, match="need latency.measure: true"):
+        search_main(search_args(ckpt, tmp_path, mes=100) + ["--latency.measure=false"])
 
 
 def test_holdout_is_a_fixed_part_of_the_training_list() -> None:

@@ -1,5 +1,6 @@
 """The ViT-ResNAS super-network: sub-networks through masks equal their extracted networks, the analytical
-MACs/params counter equals the flop counter, multi-architectural sampling, warm-up, draws and bad configs."""
+MACs/params counter equals the flop counter, the Supernet contract (genes, reductions, latency parts, the found
+network's description), multi-architectural sampling, warm-up, draws and bad configs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from backbones import create_backbone
+from backbones.base import Supernet
 from backbones.vit_resnas_supernet import ViTResNASSupernet, count_macs_params
 from tasks.classification import ClassificationModule
 
@@ -58,6 +60,28 @@ def test_macs_and_params_match_the_flop_counter(supernet: ViTResNASSupernet) -> 
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
             net.forward_tokens(x)
         assert supernet.macs_params(config) == (counter.get_total_flops() // 2, sum(p.numel() for p in net.parameters()))
+
+
+def test_genes_reductions_and_description_follow_the_supernet_contract(supernet: ViTResNASSupernet) -> None:
+    assert isinstance(supernet, Supernet)
+    names = [name for name, _ in supernet.search_space()]
+    assert names[:4] == ["embed_dims[0]", "embed_dims[1]", "embed_dims[2]", "num_heads[0][0]"] and "keep[1][2]" in names
+    for config in configs(supernet):
+        assert supernet.subnet(supernet.subnet_genes(config)) == config
+    largest, smallest = supernet.extreme_subnet(largest=True), supernet.extreme_subnet(largest=False)
+    moves = supernet.reductions(largest)
+    assert {m.action.split()[0] for m in moves} == {"narrow", "skip", "heads", "MLP"} and not supernet.reductions(smallest)
+    for move in moves:  # one step smaller, in the space
+        assert supernet.macs_params(move.config)[0] < supernet.macs_params(largest)[0]
+        supernet.subnet_genes(move.config)
+    described = supernet.describe(smallest)
+    net = create_backbone(described["backbone"], **described["backbone_kwargs"])
+    assert [len(s.blocks) for s in net.stages] == [2, 1, 2] and net.embed_dims == (16, 32, 48)
+    keys = [part.key for part in supernet.latency_parts(smallest, batch_size=1)]
+    assert keys == ["stem:16", "block0:16:1:32", "block0:16:1:32", "reduce1:16:32", "block1:32:2:64", "reduce2:32:48",
+                    "block2:48:1:96", "block2:48:1:96"]
+    module, args = supernet.latency_parts(smallest, batch_size=2)[4].build()
+    assert module(*args).shape == (2, 1 + 2 * 2, 32)  # a class token and the 2 x 2 grid of stage 1
 
 
 @pytest.mark.parametrize("name", ["vit_resnas_tiny", "vit_resnas_small"])
