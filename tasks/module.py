@@ -29,6 +29,7 @@ from engine.optimization import (
 from engine.pictures import PictureMaker, logging_callbacks
 from engine.run_state import run_state_callbacks
 from ops.onednn_linear import use_onednn_linears
+from search.sandwich import sandwich_step
 
 Stage = Literal["train", "val", "test"]
 
@@ -333,8 +334,6 @@ class TaskModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         passes = self.backbone.training_passes()
         if passes is not None:  # a super-network's sandwich of sub-networks
-            from search.sandwich import sandwich_step  # noqa: PLC0415  (the search package imports the task modules)
-
             return sandwich_step(self, batch, passes)
         return self.shared_step(batch, "train")
 
