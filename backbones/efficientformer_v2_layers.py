@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from ops.conv_fusion import conv_act, forget_packed
+from ops.kernels import CpuKernelModule
 
 
-class ConvNorm(nn.Module):
-    """Convolution (``kernel_size // 2`` padding), BatchNorm and an optional activation."""
+class ConvNorm(nn.Module, CpuKernelModule):
+    """Convolution (``kernel_size // 2`` padding), BatchNorm and an optional activation; folded (``fuse``), a oneDNN
+    convolution with its activation as ``cpu_kernels`` says (``ops.conv_fusion``)."""
 
     def __init__(
         self, in_chans: int, out_chans: int, kernel_size: int = 1, *, stride: int = 1, groups: int = 1,
@@ -26,7 +28,7 @@ class ConvNorm(nn.Module):
         """``act(bn(conv(x)))``, plus ``residual`` when given, which the folded form adds inside the convolution,
         writing the result into ``residual`` itself when ``inplace`` allows it."""
         if isinstance(self.bn, nn.Identity):  # folded: conv with its activation or residual as one oneDNN call
-            return conv_act(self.conv, self.act, x, residual, inplace=inplace)
+            return conv_act(self.conv, self.act, x, residual, inplace=inplace, cpu_kernels=self.cpu_kernels)
         out = self.act(self.bn(self.conv(x)))
         return out if residual is None else out + residual
 

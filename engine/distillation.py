@@ -19,7 +19,6 @@ from backbones import create_backbone
 from backbones.base import PoolType
 from backbones.weights import detect_format, load_pretrained, read_checkpoint
 from heads.classification import Classifier, classification_head
-from ops.onednn_linear import use_onednn_linears
 
 DistillationKind = Literal["none", "soft", "kl", "hard"]
 
@@ -130,4 +129,4 @@ def build_teacher(
             load_pretrained(network, pretrained, state=state)
     if not pretrained:
         rank_zero_warn(f"the teacher {name!r} has no teacher_pretrained file: it distils its random initial weights")
-    return FrozenTeacher(use_onednn_linears(network))
+    return FrozenTeacher(network)  # plain PyTorch (ops/' kernels are the student's cpu_kernels option)

@@ -15,7 +15,6 @@ bit, at a fraction of its memory.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -25,29 +24,9 @@ import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
 
-from ops.map_pool import MAPS
-
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (AttributeError, OSError):
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Give the heap memory freed since the last call back to the OS (glibc's ``malloc_trim``; nothing on other C
-    libraries). Run after each window batch: the model's freed activations otherwise stay resident beside the
-    regions still being stitched, ~0.08 GiB per UNETR-Base window on top of the pass's peak. The decoder's pooled
-    maps (``ops.map_pool``, ~0.3 GiB at UNETR-Base width) are dropped too, for the same reason."""
-    MAPS.clear()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 Region = tuple[slice, ...]
 
 
@@ -90,6 +69,7 @@ def stitch_windows(
     cval: float = 0.0,
     sw_device: torch.device | str | None = None,
     device: torch.device | str | None = None,
+    after_batch: Callable[[], None] | None = None,
 ) -> None:
     """Run ``predictor`` over windows of ``inputs`` ``[B, C_in, *spatial]`` placed, weighted and batched as
     ``monai.inferers.sliding_window_inference`` places them (inputs smaller than the window are padded with
@@ -104,6 +84,8 @@ def stitch_windows(
         overlap, mode, sigma_scale: as MONAI (``gaussian`` weighs window centres over borders).
         cval: padding value.
         sw_device: where windows run (default: the input's device); ``device``: where cells are stitched.
+        after_batch: called after each window batch's forward pass, before its output is stitched (a caller's
+            memory policy, e.g. giving the pass's freed activations back to the system).
     """
     spatial = tuple(inputs.shape[2:])
     dims = len(spatial)
@@ -169,7 +151,8 @@ def stitch_windows(
                 f"stitch_windows needs the predictor to return one tensor [n, C, *{patch}] per window batch, "
                 f"got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
             )
-        release_freed_memory()
+        if after_batch is not None:
+            after_batch()
         out *= weight  # as MONAI: weighted in place on the window device, then moved to the stitching device
         out = out.to(device)
         for (b, w), p in zip(batch, out):

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones.mix_transformer import map_to_tokens, tokens_to_map
+from ops.kernels import CpuKernelModule
 from ops.onednn_linear import onednn_linear
 
 from . import segformer_weights  # noqa: F401  (registers the decoder key maps of SegFormer files)
 
 
-class SegFormerHead(nn.Module):
+class SegFormerHead(nn.Module, CpuKernelModule):
     """All-MLP decoder (Xie et al., 2021): each map is projected to ``embed_dim`` and upsampled to the
     finest map, the maps are fused by a 1x1 convolution with BatchNorm and ReLU, then classified.
 
@@ -22,7 +23,8 @@ class SegFormerHead(nn.Module):
     per-pixel linear map (its weights sum to one, so biases pass through), so by default each map is
     multiplied by the product ``fuse_i @ linear_i`` *before* upsampling: the same function with the same
     parameters, without the ``[B, n * embed_dim, H/4, W/4]`` concatenation and its convolution. The
-    channel dropout before the classifier is likewise applied to the classifier's weights per sample.
+    channel dropout before the classifier is likewise applied to the classifier's weights per sample. The folded
+    products run in oneDNN as ``cpu_kernels`` says (``ops.onednn_linear``; set by the task, off by default).
 
     Args:
         in_channels: channels of the backbone maps, shallow to deep (``[f.channels for f in feature_info]``).
@@ -60,7 +62,7 @@ class SegFormerHead(nn.Module):
         fuse = self.fuse.weight.flatten(1).split(self.embed_dim, dim=1)[::-1]  # per map, shallow to deep: [E, E]
         x = None
         for f, linear, w in zip(features, self.linear, fuse):
-            y = onednn_linear(map_to_tokens(f), w @ linear.weight, w @ linear.bias)  # [B, h*w, E]
+            y = onednn_linear(map_to_tokens(f), w @ linear.weight, w @ linear.bias, self.cpu_kernels)  # [B, h*w, E]
             y = self._resize(tokens_to_map(y, f.shape[2:]), size)
             x = y if x is None else x.add_(y)  # in place: large CPU buffers are costly to allocate
         tokens = map_to_tokens(self.act(self.norm(x)))  # [B, h*w, E]
@@ -70,7 +72,7 @@ class SegFormerHead(nn.Module):
             keep = tokens.new_empty(tokens.shape[0], 1, tokens.shape[2]).bernoulli_(1 - self.dropout) / (1 - self.dropout)
             logits = torch.bmm(tokens, (weight * keep).transpose(1, 2)) + bias  # [B, h*w, K]
         else:
-            logits = onednn_linear(tokens, weight, bias)
+            logits = onednn_linear(tokens, weight, bias, self.cpu_kernels)
         return tokens_to_map(logits, size).contiguous()  # [B, K, h, w]
 
     @staticmethod

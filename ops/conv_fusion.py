@@ -4,8 +4,10 @@ On a CPU a small convolution followed by GELU is bound by memory traffic: the ac
 whole map again, and a depthwise convolution over an NCHW map runs oneDNN's slow planar kernel. oneDNN's
 convolution takes the activation as a post-op and runs fastest on channels-last maps, so a fused network keeps
 its maps channels-last and calls ``mkldnn::_convolution_pointwise`` (the kernel torch.compile's CPU backend
-uses for the same fusion). Outside its domain (autograd, another device or dtype, no oneDNN) the plain
-``act(conv(x))`` runs, so results agree to float rounding everywhere (the post-op GELU is the exact erf form).
+uses for the same fusion), with its weight reordered once into oneDNN's blocked layout. It runs as ``cpu_kernels``
+says (``ops.kernels``: off by default); outside its domain (autograd, another device or dtype, autocast, compilers,
+no oneDNN) the plain ``act(conv(x))`` runs, so results agree to float rounding everywhere (the post-op GELU is the
+exact erf form).
 """
 
 from __future__ import annotations
@@ -14,6 +16,13 @@ import weakref
 
 import torch
 from torch import nn
+
+from .kernels import CpuKernels, eager_cpu, onednn_enabled, prefer_fast, timed_step
+
+CONV_OPS = (
+    "mkldnn::_convolution_pointwise", "mkldnn::_convolution_pointwise_", "mkldnn::_reorder_convolution_weight",
+)
+"""The private ops of this module (``ops.kernels.onednn_enabled`` checks them before any runs)."""
 
 # convolution -> (the input shape and weight state it was made for, its weight in oneDNN's layout); see packed_weight
 _PACKED: weakref.WeakKeyDictionary[nn.Conv2d, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
@@ -30,32 +39,46 @@ def post_op(act: nn.Module) -> tuple[str, list, str] | None:
 
 
 def onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the fused oneDNN kernel applies: fp32 CPU tensors, no autograd, oneDNN built and enabled."""
+    """Whether the fused oneDNN kernel applies: ``ops.kernels.eager_cpu``, no autograd, oneDNN and its ops here."""
     return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        eager_cpu(x, weight) and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and onednn_enabled(*CONV_OPS)
     )
 
 
 def conv_act(
-    conv: nn.Conv2d, act: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, *, inplace: bool = False
+    conv: nn.Conv2d, act: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, *, inplace: bool = False,
+    cpu_kernels: CpuKernels = "on",
 ) -> torch.Tensor:
     """``act(conv(x))``, or ``conv(x) + residual`` (``act`` then must be the identity), as one oneDNN convolution
-    with a post-op where it applies: the residual is read as the convolution writes its output, instead of in a
-    separate pass over three maps. ``inplace`` lets the result be written into ``residual`` (which the caller then
-    no longer needs): no new map to allocate."""
+    with a post-op where it applies and ``cpu_kernels`` chooses it: the residual is read as the convolution writes
+    its output, instead of in a separate pass over three maps. ``inplace`` lets the result be written into
+    ``residual`` (which the caller then no longer needs): no new map to allocate."""
+    if residual is not None and not isinstance(act, nn.Identity):
+        raise ValueError(f"a residual is added after the convolution, not after its activation {act}")
     op = post_op(act)
     usable = (
-        op is not None and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-        and onednn_usable(x, conv.weight)
+        cpu_kernels != "off" and op is not None and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+        and onednn_usable(x, conv.weight) and (residual is None or _same_layout(x, residual))
     )
+    if not usable or cpu_kernels == "auto" and not prefer_fast(
+        cpu_kernels, f"conv_act {op[0]} {conv.stride} {conv.padding} {conv.groups}", (x, residual, conv.weight),
+        timed_step(lambda x, r: _plain(conv, act, x, r), (x, residual)),
+        timed_step(lambda x, r: _fused(conv, op, x, r, inplace=False), (x, residual)),
+    ):
+        return _plain(conv, act, x, residual)
+    return _fused(conv, op, x, residual, inplace=inplace)
+
+
+def _plain(conv: nn.Conv2d, act: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    return act(conv(x)) if residual is None else conv(x) + residual
+
+
+def _fused(conv: nn.Conv2d, op: tuple[str, list, str], x: torch.Tensor, residual: torch.Tensor | None,
+           inplace: bool) -> torch.Tensor:
+    """``conv_act``'s oneDNN call (its ops checked by ``onednn_usable``)."""
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     if residual is not None:
-        if not isinstance(act, nn.Identity):
-            raise ValueError(f"a residual is added after the convolution, not after its activation {act}")
-        if not usable or not _same_layout(x, residual):
-            return conv(x) + residual
         if inplace:
             return torch.ops.mkldnn._convolution_pointwise_(
                 residual, x, packed_weight(conv, x), conv.bias, *args, "add", 1.0, None, [], None
@@ -63,8 +86,6 @@ def conv_act(
         return torch.ops.mkldnn._convolution_pointwise(
             x, residual, packed_weight(conv, x), conv.bias, *args, "add", 1.0, None, [], None
         )
-    if not usable:
-        return act(conv(x))
     return torch.ops.mkldnn._convolution_pointwise(x, packed_weight(conv, x), conv.bias, *args, *op)
 
 
@@ -114,8 +135,9 @@ def to_channels_last(module: nn.Module) -> nn.Module:
 
 
 def channels_last_input(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the channels-last layout when the fused CPU kernels will take it, else as it is."""
-    if x.ndim == 4 and onednn_usable(x, x):
+    """``x`` in the channels-last layout (the fused form's, fastest for CPU convolutions, plain or fused) for an
+    fp32 CPU inference in eager mode, else as it is."""
+    if x.ndim == 4 and eager_cpu(x) and not (torch.is_grad_enabled() and x.requires_grad):
         return x.contiguous(memory_format=torch.channels_last)
     return x
 

@@ -2,7 +2,7 @@
 
 PyTorch's CPU kernels for a channels-last 3-D map either copy it to the contiguous layout and back
 (``InstanceNorm3d``) or accumulate its statistics carelessly (``GroupNorm`` with one group per channel: outputs
-about 100x further from float64 than the contiguous kernel's, ~2e-3 on a 32x96³ map). Here the statistics are
+about 100x further from float64 than the contiguous kernel's, ~2e-3 on a 32x96³ map, torch 2.x). Here the statistics are
 reduced over the spatial positions of a ``[B, N, C]`` view of the map, which is the map itself in channels-last
 memory (no copy), with PyTorch's cascade-summed mean and variance reductions (within ~1e-6 of float64); the
 affine transform and the activation then run as one multiply-add and one in-place activation.
@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from .kernels import CpuKernelModule, CpuKernels, eager_cpu, run_kernel
 
 
 def spatial_last(x: torch.Tensor) -> torch.Tensor:
@@ -148,24 +150,18 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     return InstanceNormActFunction.apply(x, weight, bias, eps, negative_slope)
 
 
-def is_tracing() -> bool:
-    """Whether a compiler or exporter (dynamo, TorchScript tracing for ONNX) is tracing the model."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
-
-
-def instance_norm_act_reference(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                                eps: float = 1e-5, negative_slope: float = 1.0) -> torch.Tensor:
-    """``instance_norm_act`` in plain differentiable ops (the form ``torch.compile`` fuses, and float64 checks)."""
-    dims = tuple(range(2, x.ndim))
-    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-    shape = (1, -1) + (1,) * len(dims)
-    scale = torch.rsqrt(var + eps) * (1 if weight is None else weight.view(shape))
-    y = (x - mean) * scale + (0 if bias is None else bias.view(shape))
+def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   eps: float = 1e-5, negative_slope: float = 1.0) -> torch.Tensor:
+    """``instance_norm_act`` in PyTorch's own kernels: a GroupNorm with one group per channel (the decoder's norm
+    with ``cpu_kernels: off``), then the LeakyReLU."""
+    y = torch.nn.functional.group_norm(x, x.shape[1], weight, bias, eps)
     return y if negative_slope == 1.0 else torch.nn.functional.leaky_relu(y, negative_slope)
 
 
-class InstanceNormAct(nn.Module):
-    """``nn.InstanceNorm3d(affine=True)`` (or 2-D, 1-D) followed by ``LeakyReLU``, as one exact channels-last op.
+class InstanceNormAct(nn.Module, CpuKernelModule):
+    """``nn.InstanceNorm3d(affine=True)`` (or 2-D, 1-D) followed by ``LeakyReLU``, as one exact channels-last op on
+    a CPU as its ``cpu_kernels`` says (``ops.kernels``), else PyTorch's GroupNorm and LeakyReLU (``group_norm_act``:
+    always on other devices, under autocast, compilers and exporters).
 
     Parameter names are the norm's (``weight``, ``bias``), so a state dict of the norm loads unchanged.
 
@@ -174,16 +170,18 @@ class InstanceNormAct(nn.Module):
         eps: added to the variance.
         affine: learn a per-channel scale and shift.
         negative_slope: the LeakyReLU's slope; ``1.0`` for the norm alone.
+        cpu_kernels: ``ops.kernels``' switch.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, negative_slope: float = 1.0) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, negative_slope: float = 1.0,
+                 cpu_kernels: CpuKernels = "on") -> None:
         super().__init__()
-        self.eps, self.negative_slope = eps, negative_slope
+        self.eps, self.negative_slope, self.cpu_kernels = eps, negative_slope, cpu_kernels
         self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
 
     @classmethod
-    def from_norm(cls, norm: nn.Module, negative_slope: float = 1.0) -> InstanceNormAct:
+    def from_norm(cls, norm: nn.Module, negative_slope: float = 1.0, cpu_kernels: CpuKernels = "on") -> InstanceNormAct:
         """The same function as ``norm`` (an InstanceNorm without running statistics, or a GroupNorm with one
         group per channel), sharing its parameters, with the activation added."""
         channels = norm.num_groups if isinstance(norm, nn.GroupNorm) else norm.num_features
@@ -192,13 +190,20 @@ class InstanceNormAct(nn.Module):
                              "channels is not an instance norm")
         if getattr(norm, "track_running_stats", False):
             raise ValueError("InstanceNormAct: an InstanceNorm with running statistics is not supported")
-        fused = cls(channels, eps=norm.eps, affine=norm.weight is not None, negative_slope=negative_slope)
+        fused = cls(channels, eps=norm.eps, affine=norm.weight is not None, negative_slope=negative_slope,
+                    cpu_kernels=cpu_kernels)
         fused.weight, fused.bias = norm.weight, norm.bias
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_tracing():  # plain ops: the compiler fuses them into one pass each way, exporters know them
-            return instance_norm_act_reference(x, self.weight, self.bias, self.eps, self.negative_slope)
+        return run_kernel(self, "instance_norm_act", (x,), eager_cpu(x, self.weight), self.plain, self.fast)
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        """PyTorch's kernels (``group_norm_act``)."""
+        return group_norm_act(x, self.weight, self.bias, self.eps, self.negative_slope)
+
+    def fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The exact channels-last kernel (``instance_norm_act``)."""
         return instance_norm_act(x, self.weight, self.bias, self.eps, self.negative_slope)
 
     def extra_repr(self) -> str:
@@ -206,6 +211,6 @@ class InstanceNormAct(nn.Module):
 
 
 __all__ = [
-    "InstanceNormAct", "InstanceNormActFunction", "channels_first", "instance_norm_act", "instance_norm_act_reference",
-    "is_tracing", "mean_rstd", "norm_backward", "normalize_into", "scale_shift", "spatial_last",
+    "InstanceNormAct", "InstanceNormActFunction", "channels_first", "group_norm_act", "instance_norm_act", "mean_rstd",
+    "norm_backward", "normalize_into", "scale_shift", "spatial_last",
 ]

@@ -28,7 +28,7 @@ from engine.optimization import (
 )
 from engine.pictures import PictureMaker, logging_callbacks
 from engine.run_state import run_state_callbacks
-from ops.onednn_linear import use_onednn_linears
+from ops import CpuKernels, use_cpu_kernels
 from search.sandwich import sandwich_step
 
 Stage = Literal["train", "val", "test"]
@@ -69,6 +69,10 @@ class TaskModule(L.LightningModule):
             those of the eager model. Off by default: the first steps pay the compilation, and on a CPU it gains
             little (benchmarks/RESULTS.md).
         compile_options: keyword arguments of ``torch.compile`` (``mode``, ``backend``, ``dynamic``, ``fullgraph``).
+        cpu_kernels: the hand-written CPU kernels of ``ops/`` (oneDNN linear layers, UNETR's fused decoder blocks,
+            EfficientFormerV2's fused convolutions): ``off`` plain PyTorch, ``on`` the kernels wherever they apply,
+            ``auto`` the faster of the two per layer and shape, timed once per process (``ops/kernels.py``). GPUs,
+            autocast, compilers and exporters always get plain PyTorch; parameters and checkpoints are the same.
         activation_checkpointing: recompute each transformer block in the backward pass instead of keeping its
             activations (``Backbone.set_activation_checkpointing``): exact, about a third more compute; a backbone
             without it is an error.
@@ -113,6 +117,7 @@ class TaskModule(L.LightningModule):
         freeze_backbone: bool = False,
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
+        cpu_kernels: CpuKernels = "off",
         activation_checkpointing: bool = False,
         token_reduction: dict[str, Any] | None = None,
     ) -> None:
@@ -127,9 +132,8 @@ class TaskModule(L.LightningModule):
         self.backbone: Backbone = create_backbone(backbone, **(backbone_kwargs or {}))
         self._reduce_backbone_tokens(freeze_backbone)  # before the head reads it and before its weights load
         self.head: nn.Module = self.build_head()
-        # the linear layers' products in oneDNN on a CPU (2x MKL's on AMD processors; F.linear elsewhere)
-        use_onednn_linears(self.backbone)
-        use_onednn_linears(self.head)
+        use_cpu_kernels(self.backbone, cpu_kernels)  # plain PyTorch unless cpu_kernels asks for ops/' kernels
+        use_cpu_kernels(self.head, cpu_kernels)
         self.backbone.set_activation_checkpointing(activation_checkpointing)
         if pretrained:
             from backbones.weights import load_pretrained

@@ -137,3 +137,26 @@ def test_windows_per_pass_auto_is_one_on_a_cpu() -> None:
     assert module.hparams.sw_batch_size == "auto"
     assert module.windows_per_pass(torch.device("cpu")) == 1 and module.windows_per_pass(torch.device("cuda")) == 4
     assert medical_module(sw_batch_size=3).windows_per_pass(torch.device("cpu")) == 3
+
+
+def test_the_caller_sets_what_happens_after_each_window_batch(monkeypatch) -> None:
+    """The stitcher has no memory policy of its own: it calls ``after_batch`` once per window batch. The medical
+    task gives glibc's ``malloc_trim`` for windows on a CPU (its freed activations back to the system)."""
+    import tasks.medical
+
+    x = torch.randn(1, 1, 20, 18, 17)
+    conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+    passes, after = [], []
+    with torch.no_grad():
+        stitch_windows(x, (8, 8, 8), 3, lambda w: passes.append(1) or conv(w), lambda *a: None,
+                       after_batch=lambda: after.append(len(passes)))
+    assert len(passes) > 1 and after == list(range(1, len(passes) + 1))
+
+    trims = []
+    monkeypatch.setattr(tasks.medical, "release_freed_memory", lambda: trims.append(1))
+    module = medical_module(sw_batch_size=2)
+    module.register_forward_hook(lambda *a: passes.append(1))
+    passes.clear()
+    with torch.no_grad():
+        module.sliding_window_labels(x)
+    assert len(passes) > 1 and len(trims) == len(passes)
