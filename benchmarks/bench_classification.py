@@ -9,7 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
+from benchmarks.harness import Entry, bench_parser, compare, cpu_kernels, parse_bench_args, write_section
 from tasks.classification import ClassificationModule
 
 MODELS = {"vit_small_patch16": "vit_small_patch16_224", "vit_base_patch16": "vit_base_patch16_224"}
@@ -17,7 +17,9 @@ MODELS = {"vit_small_patch16": "vit_small_patch16_224", "vit_base_patch16": "vit
 
 def run(ours: str, batch: int, size: int, steps: int, warmup: int) -> str:
     torch.manual_seed(0)
-    module = ClassificationModule(backbone=ours, backbone_kwargs={"img_size": size}, num_classes=1000)
+    module = ClassificationModule(
+        backbone=ours, backbone_kwargs={"img_size": size}, num_classes=1000, cpu_kernels=cpu_kernels()
+    )
     reference = timm.create_model(MODELS[ours], img_size=size)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
     entries = [Entry("ours", module, module), Entry("timm", reference, reference)]

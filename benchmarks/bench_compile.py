@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
-from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
+from benchmarks.harness import Entry, bench_parser, compare, cpu_kernels, parse_bench_args, write_section
 from tasks.classification import ClassificationModule
 from tasks.medical import MedicalSegmentationModule
 from tasks.module import TaskModule
@@ -58,8 +58,8 @@ def run(task: str, *, tiny: bool, steps: int, warmup: int, options: dict[str, An
     if tiny:
         kwargs, shape = TINY[task]
     torch.manual_seed(0)
-    eager = cls(**kwargs, num_classes=classes)
-    compiled = cls(**kwargs, num_classes=classes, compile=True, compile_options=options)
+    eager = cls(**kwargs, num_classes=classes, cpu_kernels=cpu_kernels())
+    compiled = cls(**kwargs, num_classes=classes, compile=True, compile_options=options)  # plain PyTorch, compiled
     compiled.load_state_dict(eager.state_dict())
     x = torch.randn(shape)
     loss, y = loss_and_target(task, shape, classes)

@@ -19,7 +19,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
+from benchmarks.harness import Entry, bench_parser, compare, cpu_kernels, parse_bench_args, write_section
 from tasks.classification import ClassificationModule
 
 MODELS = ("efficientformerv2_s0", "efficientformerv2_s1", "efficientformerv2_s2", "efficientformerv2_l")
@@ -60,7 +60,9 @@ def time_blocked(entries: list[Entry], x: torch.Tensor, *, steps: int, warmup: i
 
 def run(name: str, batch: int, size: int, steps: int, warmup: int) -> tuple[str, str]:
     torch.manual_seed(0)
-    module = ClassificationModule(backbone=name, backbone_kwargs={"img_size": size}, num_classes=1000)
+    module = ClassificationModule(
+        backbone=name, backbone_kwargs={"img_size": size}, num_classes=1000, cpu_kernels=cpu_kernels()
+    )
     reference = timm.create_model(name, img_size=size)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
     fused = copy.deepcopy(module).eval()

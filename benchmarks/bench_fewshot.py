@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.harness import bench_parser, parse_bench_args, write_section
+from benchmarks.harness import bench_parser, cpu_kernels, parse_bench_args, write_section
 from tasks.classification import ClassificationModule
 from engine.fewshot import extract_features
 
@@ -37,7 +37,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 def run(backbone: str, size: int, batch: int, batches: int, steps: int, warmup: int, device: torch.device, amp: bool) -> str:
     torch.manual_seed(0)
-    module = ClassificationModule(backbone=backbone, backbone_kwargs={"img_size": size}, num_classes=1000, pool="avg")
+    module = ClassificationModule(
+        backbone=backbone, backbone_kwargs={"img_size": size}, num_classes=1000, pool="avg", cpu_kernels=cpu_kernels()
+    )
     module = module.to(device).eval()
     pin = device.type == "cuda"
     data = [{"input": torch.randn(batch, 3, size, size), "target": torch.randint(0, 1000, (batch,))} for _ in range(batches)]

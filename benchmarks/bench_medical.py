@@ -27,7 +27,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNETR
 
 from backbones.unetr import convert_monai_unetr
-from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
+from benchmarks.harness import Entry, bench_parser, compare, cpu_kernels, parse_bench_args, write_section
 from tasks.medical import MedicalSegmentationModule
 from heads.unetr_weights import monai_unetr_head
 
@@ -44,7 +44,8 @@ def unetr_pair(
         mlp_dim=3072, num_heads=12, proj_type="perceptron", norm_name="instance", res_block=True,
     )
     ours = MedicalSegmentationModule(
-        backbone="unetr_vit_base", num_classes=num_classes, backbone_kwargs={"img_size": size}, channels_last=channels_last
+        backbone="unetr_vit_base", num_classes=num_classes, backbone_kwargs={"img_size": size}, channels_last=channels_last,
+        cpu_kernels=cpu_kernels(),
     )
     state = convert_monai_unetr(reference.state_dict())
     foreign = {k.removeprefix("foreign."): state.pop(k) for k in [k for k in state if k.startswith("foreign.")]}
@@ -87,7 +88,7 @@ def cpu_time_ratio(entries: dict[str, torch.nn.Module], x: torch.Tensor, y: torc
     kind = "thread" if clock is time.thread_time else "process"
     return (
         f"{kind.capitalize()} CPU time per sample, training / inference ({torch.get_num_threads()} thread(s), median of "
-        f"{steps} interleaved steps), and MONAI's over it: " + "; ".join(parts)
+        f"{steps} interleaved steps, our CPU kernels {cpu_kernels()}), and MONAI's over it: " + "; ".join(parts)
         + f"; MONAI {monai['train']:.2f} / {monai['infer']:.2f} s."
     )
 
@@ -111,7 +112,7 @@ def sw_memory_child(shape: tuple[int, int, int], overlap: float, sw_batch_size: 
     torch.manual_seed(0)
     module = MedicalSegmentationModule(
         backbone="unetr_vit_base", backbone_kwargs=SW_MODEL, num_classes=14, feature_size=16,
-        sw_overlap=overlap, sw_batch_size=sw_batch_size, sw_stitch_on_cpu=True,
+        sw_overlap=overlap, sw_batch_size=sw_batch_size, sw_stitch_on_cpu=True, cpu_kernels=cpu_kernels(),
     ).eval()
     x = torch.rand(1, 1, *shape)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB

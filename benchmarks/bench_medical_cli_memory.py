@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from benchmarks.bench_medical_memory import Oracle, current_gib, gib, organ_boxes, run_fresh
-from benchmarks.harness import bench_parser, parse_bench_args
+from benchmarks.harness import bench_parser, cpu_kernels, parse_bench_args
 
 
 class HybridPredictor:
@@ -108,7 +108,7 @@ def cli_child(stage: str, shape: tuple[int, int, int], real: list[int] | None, e
     medical.main([
         stage, "--config", "configs/unetr_btcv.yaml", "--data.root", str(root), "--data.fold", "null",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out),
-        "--predictions.output_dir", str(out / "predictions"), *extra,
+        "--predictions.output_dir", str(out / "predictions"), "--model.cpu_kernels", cpu_kernels(), *extra,
     ])
     seconds = time.perf_counter() - t
     if stage == "predict":
@@ -136,7 +136,8 @@ def window_throughput(steps: int, sizes: tuple[int, ...] = (1, 2, 4)) -> list[st
 
     torch.manual_seed(0)
     module = MedicalSegmentationModule(
-        backbone="unetr_vit_base", backbone_kwargs={"img_size": 96}, num_classes=14, feature_size=16
+        backbone="unetr_vit_base", backbone_kwargs={"img_size": 96}, num_classes=14, feature_size=16,
+        cpu_kernels=cpu_kernels(),
     ).eval()
     wall: dict[int, list[float]] = {n: [] for n in sizes}
     cpu: dict[int, list[float]] = {n: [] for n in sizes}

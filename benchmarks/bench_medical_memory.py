@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks.bench_medical import SW_MODEL
-from benchmarks.harness import bench_parser, parse_bench_args, write_section
+from benchmarks.harness import bench_parser, cpu_kernels, parse_bench_args, write_section
 
 MODES = ("monai", "monai_buffered", "regions", "validate", "model")
 
@@ -88,7 +88,7 @@ def child(mode: str, shape: tuple[int, int, int], overlap: float, sw_batch_size:
     torch.manual_seed(0)
     module = MedicalSegmentationModule(
         backbone="unetr_vit_base", backbone_kwargs=SW_MODEL, num_classes=14, feature_size=16,
-        sw_overlap=overlap, sw_batch_size=sw_batch_size, sw_stitch_on_cpu=True,
+        sw_overlap=overlap, sw_batch_size=sw_batch_size, sw_stitch_on_cpu=True, cpu_kernels=cpu_kernels(),
     ).eval()
     target = organ_boxes(shape)
     if predictor == "oracle":

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_efficientformer_v2 import time_inference
-from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
+from benchmarks.harness import Entry, bench_parser, compare, cpu_kernels, parse_bench_args, write_section
 from tasks.segmentation import SegmentationModule
 
 
 def entries(classes: int) -> list[Entry]:
-    ours = SegmentationModule(backbone="mit_b0", num_classes=classes)
+    ours = SegmentationModule(backbone="mit_b0", num_classes=classes, cpu_kernels=cpu_kernels())
     reference = smp.Segformer(encoder_name="mit_b0", encoder_weights=None, classes=classes)
     found = [Entry("ours", ours, ours), Entry("smp", reference, reference)]
     try:
@@ -52,8 +52,10 @@ def run_efficientformer(batch: int, size: int, steps: int, warmup: int) -> str:
     150 classes; inference also of S2's fused form (``backbone.fuse()``)."""
     torch.manual_seed(0)
     classes = 150
-    s2 = SegmentationModule(backbone="efficientformerv2_s2", backbone_kwargs={"img_size": size}, num_classes=classes)
-    b1 = SegmentationModule(backbone="mit_b1", num_classes=classes)
+    s2 = SegmentationModule(
+        backbone="efficientformerv2_s2", backbone_kwargs={"img_size": size}, num_classes=classes, cpu_kernels=cpu_kernels()
+    )
+    b1 = SegmentationModule(backbone="mit_b1", num_classes=classes, cpu_kernels=cpu_kernels())
     smp_b1 = smp.Segformer(encoder_name="mit_b1", encoder_weights=None, classes=classes)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch, size, size))
     title = (f"EfficientFormerV2-S2 + SegFormer head vs SegFormer-B1 (ours and smp), {classes} classes, {size}x{size}, "

@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.bench_medical_cli_memory import HybridPredictor
 from benchmarks.bench_medical_memory import gib, run_fresh
-from benchmarks.harness import bench_parser, parse_bench_args
+from benchmarks.harness import bench_parser, cpu_kernels, parse_bench_args
 
 
 class TileOracle(torch.nn.Module):
@@ -48,7 +48,8 @@ def tile_child(size: int, num_classes: int, real: list[int] | None, sw_batch_siz
 
     torch.manual_seed(0)
     module = SegmentationModule(
-        backbone="mit_b0", num_classes=num_classes, inference="slide", sw_batch_size=sw_batch_size
+        backbone="mit_b0", num_classes=num_classes, inference="slide", sw_batch_size=sw_batch_size,
+        cpu_kernels=cpu_kernels(),
     ).eval()
     x = torch.rand(1, 3, size, size)
     for r in range(0, size, 1000):  # in bands: no full-size temporary raises the peak before the pass

@@ -15,7 +15,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
+from benchmarks.harness import Entry, bench_parser, compare, cpu_kernels, parse_bench_args, write_section
 from tasks.classification import ClassificationModule
 from tasks.video import VideoClassificationModule
 
@@ -24,7 +24,8 @@ PRUNED = "dynamicvit"
 
 def run_image(batch: int, size: int, keep_ratio: float, steps: int, warmup: int) -> str:
     torch.manual_seed(0)
-    kwargs = {"backbone": "vit_small_patch16", "backbone_kwargs": {"img_size": size}, "num_classes": 1000}
+    kwargs = {"backbone": "vit_small_patch16", "backbone_kwargs": {"img_size": size}, "num_classes": 1000,
+              "cpu_kernels": cpu_kernels()}
     pruned = ClassificationModule(**kwargs, token_pruning=True, keep_ratio=keep_ratio)
     dense = ClassificationModule(**kwargs)
     dense.load_state_dict({k: v for k, v in pruned.state_dict().items() if ".predictors." not in k})
@@ -38,7 +39,8 @@ def run_image(batch: int, size: int, keep_ratio: float, steps: int, warmup: int)
 
 def run_video(keep_ratio: float, steps: int, warmup: int, attention: str) -> str:
     torch.manual_seed(0)
-    kwargs = {"backbone": "timesformer_base_patch16", "backbone_kwargs": {"attention": attention}, "num_classes": 400}
+    kwargs = {"backbone": "timesformer_base_patch16", "backbone_kwargs": {"attention": attention}, "num_classes": 400,
+              "cpu_kernels": cpu_kernels()}
     pruned = VideoClassificationModule(**kwargs, token_pruning=True, keep_ratio=keep_ratio)
     dense = VideoClassificationModule(**kwargs)
     dense.load_state_dict({k: v for k, v in pruned.state_dict().items() if ".predictors." not in k})

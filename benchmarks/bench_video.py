@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
+from benchmarks.harness import Entry, bench_parser, compare, cpu_kernels, parse_bench_args, write_section
 from datamodules.synthetic import draw_shape, ensure_written, textured_background
 from datamodules.synthetic_videos import write_mp4
 from datamodules.video import VideoDataModule
@@ -90,7 +90,8 @@ def build_pair(frames: int, size: int, classes: int) -> tuple[torch.nn.Module, t
 
     torch.manual_seed(0)
     ours = VideoClassificationModule(
-        backbone="timesformer_base_patch16", backbone_kwargs={"num_frames": frames, "img_size": size}, num_classes=classes
+        backbone="timesformer_base_patch16", backbone_kwargs={"num_frames": frames, "img_size": size}, num_classes=classes,
+        cpu_kernels=cpu_kernels(),
     )
     config = TimesformerConfig(image_size=size, num_frames=frames, num_labels=classes, attention_type="divided_space_time")
     theirs = TimesformerForVideoClassification(config)

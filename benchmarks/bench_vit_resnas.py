@@ -18,14 +18,16 @@ import torch.nn.functional as F
 
 from backbones import create_backbone
 from backbones.vit_resnas_supernet import ViTResNASSupernet
-from benchmarks.harness import Entry, bench_parser, compare, parse_bench_args, write_section
+from benchmarks.harness import Entry, bench_parser, compare, cpu_kernels, parse_bench_args, write_section
 from heads.classification import Classifier, classification_head
 from tasks.classification import ClassificationModule
 
 
 def found_vs_deit(batch: int, size: int, steps: int, warmup: int) -> str:
     torch.manual_seed(0)
-    module = ClassificationModule(backbone="vit_resnas_small", backbone_kwargs={"img_size": size}, num_classes=1000)
+    module = ClassificationModule(
+        backbone="vit_resnas_small", backbone_kwargs={"img_size": size}, num_classes=1000, cpu_kernels=cpu_kernels()
+    )
     reference = timm.create_model("deit_base_patch16_224", img_size=size)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
     entries = [Entry("ours", module, module), Entry("timm", reference, reference)]

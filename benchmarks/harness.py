@@ -5,13 +5,16 @@ medians over the timed steps after warm-up. "Train" is forward + loss + backward
 forward pass under ``torch.inference_mode``. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``
 (2 x multiply-accumulate; matmul, convolution, attention), corrected for its over-count of grouped
 convolutions' weight gradients (it ignores ``groups``). MFU divides achieved FLOP/s by a measured fp32
-2048x2048 matmul (the better of MKL's and oneDNN's), the ceiling of this machine.
+2048x2048 matmul (the better of MKL's and oneDNN's), the ceiling of this machine. ``--cpu-kernels`` builds our
+models with ``ops/``' hand-written kernels ``off`` (the default, plain PyTorch), ``on`` or ``auto``, so tables can be
+taken both ways; the reference implementations are never changed.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import re
 import statistics
@@ -23,6 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from ops import CPU_KERNELS, CpuKernels
+from ops.kernels import check_cpu_kernels
+from ops.onednn_linear import onednn_linear
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,13 +44,21 @@ class Entry:
     forward: Forward
 
 
+_CPU_KERNELS_ENV = "VISION_SUITE_BENCH_CPU_KERNELS"
+
+
+def cpu_kernels() -> CpuKernels:
+    """The running script's ``--cpu-kernels``: what our task modules are built with. ``parse_bench_args`` puts it in
+    the environment, so the fresh processes a script starts (memory measurements) build theirs the same way."""
+    return check_cpu_kernels(os.environ.get(_CPU_KERNELS_ENV, "off"))
+
+
 def matmul_peak(repeats: int = 5, n: int = 2048) -> float:
     """Measured fp32 matmul throughput in GFLOP/s (median of ``repeats``), the better of PyTorch's two CPU GEMMs:
-    ``torch.mm`` (MKL, which runs its AVX2 code on AMD processors) and oneDNN's (``backbones/onednn_linear.py``)."""
+    ``torch.mm`` (MKL, which runs its AVX2 code on AMD processors) and oneDNN's (``ops/onednn_linear.py``, where this
+    PyTorch has it: ``F.linear`` otherwise)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    products = [lambda: a @ b]
-    if torch.backends.mkldnn.is_available():
-        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    products = [lambda: a @ b, lambda: onednn_linear(a, b, None, "on")]
     best = 0.0
     for product in products:
         product()
@@ -108,8 +123,9 @@ def compare(
     batch = x.shape[0]
     rate = {k: {s: batch / statistics.median(v) for s, v in t.items()} for k, t in times.items()}
     lines = [
-        f"{title}; fp32, {torch.get_num_threads()} thread(s), median of {steps} interleaved steps after {warmup} "
-        f"warm-up; {platform.processor() or platform.machine()}, torch {torch.__version__}, {datetime.date.today()}. "
+        f"{title}; fp32, {torch.get_num_threads()} thread(s), our CPU kernels {cpu_kernels()}, median of {steps} "
+        f"interleaved steps after {warmup} warm-up; {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {datetime.date.today()}. "
         f"Ceiling: fp32 2048x2048 matmul {peak:.1f} GFLOP/s (the better of MKL and oneDNN).",
         "",
         "| model | params M | fwd GFLOP | train GFLOP | infer samples/s | train samples/s | "
@@ -135,12 +151,15 @@ def bench_parser(doc: str | None, *, steps: int, warmup: int) -> argparse.Argume
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps before them")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--results", type=Path, default=None, help="write the tables into this markdown file")
+    parser.add_argument("--cpu-kernels", choices=CPU_KERNELS, default="off",
+                        help="our models' hand-written CPU kernels (ops/): off (plain PyTorch), on, or auto (timed)")
     return parser
 
 
 def parse_bench_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    os.environ[_CPU_KERNELS_ENV] = args.cpu_kernels
     return args
 
 
