@@ -102,7 +102,6 @@ class EfficientFormerV2Space:
                 "mlp_ratios": [[float(e) for e in r] for r in config["mlp_ratios"]],
                 "keep": [[bool(k) for k in r] for r in config["keep"]]}
 
-
     def genes(self) -> list[Gene]:
         """Every choice in a fixed order: stage widths, then per block its expansion ratio and (if removable) keep."""
         genes: list[Gene] = [(f"embed_dims[{s}]", widths) for s, widths in enumerate(self.embed_dims)]

@@ -41,6 +41,7 @@ from .efficientformer_v2_space import (  # noqa: F401  (importable from here as 
 from .layers import to_tuple
 from .registry import build_preset, register
 
+
 class EfficientFormerV2Supernet(EfficientFormerV2, Supernet):
     """An ``EfficientFormerV2`` with the largest network of a search space, whose sub-networks run through masks.
 

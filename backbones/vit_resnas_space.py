@@ -166,7 +166,6 @@ def normalised(config: SubnetConfig) -> SubnetConfig:
             "keep": [[bool(v) for v in r] for r in config["keep"]]}
 
 
-
 def count_macs_params(arch: dict[str, Any], img_size: int | Sequence[int] | None = None) -> tuple[int, int]:
     """MACs of ``ViTResNAS(**arch).forward_tokens`` on one image of ``img_size`` and its parameter count."""
     built = to_tuple(arch.get("img_size", 224), 2, "img_size")

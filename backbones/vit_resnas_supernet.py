@@ -28,7 +28,7 @@ from .base import Gene, LatencyPart, Reduction, Supernet
 from .layers import resample_pos_embed, to_tuple
 from .registry import build_preset, register
 from .vit_resnas import ConvPatchEmbed, ResidualSpatialReduction, ResNASBlock, ViTResNAS
-from .vit_resnas_space import (  # noqa: F401  (SearchSpace, count_macs_params: importable from here as before)
+from .vit_resnas_space import (  # SearchSpace, count_macs_params...: importable from here as before
     SearchSpace, SubnetConfig, allowed_choices, count_macs_params, gene_key, normalised,
 )
 
