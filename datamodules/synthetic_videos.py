@@ -12,11 +12,10 @@ reach 100%. The layout is the usual one for video lists: ``videos/{train,val}/<c
 
 from __future__ import annotations
 
-import gc
-import threading
-from collections.abc import Iterator, Sequence
+import subprocess
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -55,52 +54,33 @@ def deforming_shape_clip(
     return np.stack(frames)
 
 
-_GC_LOCK = threading.Lock()
-_gc_pauses = 0
-
-
-@contextmanager
-def garbage_collection_paused() -> Iterator[None]:
-    """Collect garbage now and none until the block ends (re-entrant, from any thread). The encoders are ffmpeg
-    processes: a collection inside a forked child before it execs can free an object whose destructor waits on a
-    thread the child does not have (PyAV's video reformatter joins its slice threads), and the child hangs for ever."""
-    global _gc_pauses
-    with _GC_LOCK:
-        if _gc_pauses == 0:
-            gc.collect()
-            gc.disable()
-        _gc_pauses += 1
-    try:
-        yield
-    finally:
-        with _GC_LOCK:
-            _gc_pauses -= 1
-            if _gc_pauses == 0:
-                gc.enable()
-
-
 def write_mp4(path: Path, frames: np.ndarray, fps: float = 8.0) -> None:
-    """Encode ``[T, H, W, 3]`` uint8 frames (even sides) as H.264 (MPEG-4 part 2 if libx264 is unavailable)."""
+    """Encode ``[T, H, W, 3]`` uint8 frames (even sides) as H.264 (MPEG-4 part 2 if libx264 is unavailable).
+
+    ffmpeg (imageio-ffmpeg's binary) is started here with ``start_new_session`` rather than through
+    ``imageio_ffmpeg.write_frames``, whose ``preexec_fn`` makes the forked child run Python before it execs: that
+    frees other threads' objects in the child, and a PyAV video reformatter among them waits for ever on slice
+    threads the child does not have (the test suite hung there)."""
     import imageio_ffmpeg
 
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = frames.shape[1:3]
-    for codec in ("libx264", "mpeg4"):
-        try:
-            writer = imageio_ffmpeg.write_frames(
-                str(path), (width, height), fps=fps, codec=codec, quality=9, macro_block_size=2,
-                ffmpeg_log_level="error",
-            )
-            with garbage_collection_paused():  # the ffmpeg process starts here
-                writer.send(None)
-            for frame in frames:
-                writer.send(np.ascontiguousarray(frame))
-            writer.close()
+    rate = str(Fraction(fps).limit_denominator())
+    for codec, quality in (("libx264", ["-crf", "5"]), ("mpeg4", ["-qscale:v", "4"])):  # imageio's quality 9
+        command = [
+            imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}",
+            "-pix_fmt", "rgb24", "-r", rate, "-i", "-", "-vcodec", codec, "-pix_fmt", "yuv420p", *quality,
+            "-v", "error", str(path),
+        ]
+        encoder = subprocess.run(
+            command, input=np.ascontiguousarray(frames).tobytes(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,  # a Ctrl-C of the run reaches Python, not the encoder half-way through a file
+        )
+        if encoder.returncode == 0:
             return
-        except (OSError, RuntimeError):
-            path.unlink(missing_ok=True)
-            if codec == "mpeg4":
-                raise
+        path.unlink(missing_ok=True)
+        if codec == "mpeg4":
+            raise RuntimeError(f"ffmpeg could not encode {path}: {encoder.stderr.decode(errors='replace').strip()}")
 
 
 def write_motion_videos(
@@ -111,14 +91,6 @@ def write_motion_videos(
     ``val.txt`` and ``classes.txt`` under ``root``."""
     rng = np.random.default_rng(seed)
     (root / "classes.txt").write_text("\n".join(classes) + "\n")
-    with garbage_collection_paused():
-        _write_clips(root, rng, train_per_class, val_per_class, size, num_frames, classes)
-
-
-def _write_clips(
-    root: Path, rng: np.random.Generator, train_per_class: int, val_per_class: int, size: int, num_frames: int,
-    classes: Sequence[str],
-) -> None:
     with ThreadPoolExecutor(4) as pool:  # the encoders are ffmpeg processes: run a few at once
         jobs = []
         for split, count in (("train", train_per_class), ("val", val_per_class)):
