@@ -20,7 +20,8 @@ from torch import nn
 from .kernels import CpuKernels, eager_cpu, onednn_enabled, prefer_fast, timed_step
 
 CONV_OPS = (
-    "mkldnn::_convolution_pointwise", "mkldnn::_convolution_pointwise_", "mkldnn::_reorder_convolution_weight",
+    "mkldnn::_convolution_pointwise", "mkldnn::_convolution_pointwise.binary", "mkldnn::_convolution_pointwise_.binary",
+    "mkldnn::_reorder_convolution_weight",
 )
 """The private ops of this module (``ops.kernels.onednn_enabled`` checks them before any runs)."""
 
