@@ -73,7 +73,6 @@ class UnetrDecoder(nn.Module):
             for c_in, c_out in zip(ins, width[::-1])
         )
         self.out = UnetOutBlock(spatial_dims=spatial_dims, in_channels=width[0], out_channels=num_classes)
-        instance_norm_as_group_norm(self)
 
     def forward(self, features: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, num_classes, *x.shape[2:]]`` from the backbone's maps and the input ``x``."""
@@ -83,17 +82,3 @@ class UnetrDecoder(nn.Module):
             y = block(y, skip)
         return self.out(y)
 
-
-def instance_norm_as_group_norm(module: nn.Module) -> nn.Module:
-    """Swap every InstanceNorm (without running statistics) for the same function as a GroupNorm with one
-    group per channel: same parameters and names, but a CPU kernel that reads channels-last tensors in
-    place, where InstanceNorm copies them to contiguous layout and back."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
-            norm = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
-            if child.affine:
-                norm.load_state_dict(child.state_dict())
-            setattr(module, name, norm)
-        else:
-            instance_norm_as_group_norm(child)
-    return module

@@ -41,7 +41,8 @@ def check_cpu_kernels(value: str) -> CpuKernels:
 
 
 class CpuKernelModule:
-    """A module with hand-written CPU kernels, run as its ``cpu_kernels`` says (``off`` until ``set_cpu_kernels``)."""
+    """A module with hand-written CPU kernels, run as its ``cpu_kernels`` says: ``off`` unless its constructor,
+    ``set_cpu_kernels`` or ``ops.use_cpu_kernels`` (a task's ``cpu_kernels`` argument) set it."""
 
     cpu_kernels: CpuKernels = "off"
 

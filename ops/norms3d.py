@@ -150,18 +150,18 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     return InstanceNormActFunction.apply(x, weight, bias, eps, negative_slope)
 
 
-def group_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                   eps: float = 1e-5, negative_slope: float = 1.0) -> torch.Tensor:
-    """``instance_norm_act`` in PyTorch's own kernels: a GroupNorm with one group per channel (the decoder's norm
-    with ``cpu_kernels: off``), then the LeakyReLU."""
-    y = torch.nn.functional.group_norm(x, x.shape[1], weight, bias, eps)
+def torch_instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                            eps: float = 1e-5, negative_slope: float = 1.0) -> torch.Tensor:
+    """``instance_norm_act`` in PyTorch's own kernels (MONAI's blocks with ``cpu_kernels: off``): its instance norm,
+    exact but in the contiguous layout, then the LeakyReLU."""
+    y = torch.nn.functional.instance_norm(x, weight=weight, bias=bias, eps=eps)
     return y if negative_slope == 1.0 else torch.nn.functional.leaky_relu(y, negative_slope)
 
 
 class InstanceNormAct(nn.Module, CpuKernelModule):
     """``nn.InstanceNorm3d(affine=True)`` (or 2-D, 1-D) followed by ``LeakyReLU``, as one exact channels-last op on
-    a CPU as its ``cpu_kernels`` says (``ops.kernels``), else PyTorch's GroupNorm and LeakyReLU (``group_norm_act``:
-    always on other devices, under autocast, compilers and exporters).
+    a CPU as its ``cpu_kernels`` says (``ops.kernels``), else PyTorch's instance norm and LeakyReLU
+    (``torch_instance_norm_act``: always on other devices, under autocast, compilers and exporters).
 
     Parameter names are the norm's (``weight``, ``bias``), so a state dict of the norm loads unchanged.
 
@@ -199,8 +199,8 @@ class InstanceNormAct(nn.Module, CpuKernelModule):
         return run_kernel(self, "instance_norm_act", (x,), eager_cpu(x, self.weight), self.plain, self.fast)
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
-        """PyTorch's kernels (``group_norm_act``)."""
-        return group_norm_act(x, self.weight, self.bias, self.eps, self.negative_slope)
+        """PyTorch's kernels (``torch_instance_norm_act``)."""
+        return torch_instance_norm_act(x, self.weight, self.bias, self.eps, self.negative_slope)
 
     def fast(self, x: torch.Tensor) -> torch.Tensor:
         """The exact channels-last kernel (``instance_norm_act``)."""
@@ -211,6 +211,6 @@ class InstanceNormAct(nn.Module, CpuKernelModule):
 
 
 __all__ = [
-    "InstanceNormAct", "InstanceNormActFunction", "channels_first", "group_norm_act", "instance_norm_act", "mean_rstd",
-    "norm_backward", "normalize_into", "scale_shift", "spatial_last",
+    "InstanceNormAct", "InstanceNormActFunction", "channels_first", "instance_norm_act", "mean_rstd", "norm_backward",
+    "normalize_into", "scale_shift", "spatial_last", "torch_instance_norm_act",
 ]

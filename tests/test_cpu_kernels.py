@@ -177,10 +177,9 @@ def _linear_case() -> tuple[nn.Module, torch.Tensor, str]:
 def _res_block_case() -> tuple[nn.Module, torch.Tensor, str]:
     from monai.networks.blocks.dynunet_block import UnetResBlock
 
-    from heads.unetr import instance_norm_as_group_norm
     from ops.unetr_blocks import FusedResBlock
 
-    block = FusedResBlock(instance_norm_as_group_norm(UnetResBlock(3, 8, 4, 3, 1, ("instance", {"affine": True}))))
+    block = FusedResBlock(UnetResBlock(3, 8, 4, 3, 1, ("instance", {"affine": True})))
     return block, torch.randn(2, 8, 8, 6, 4).contiguous(memory_format=torch.channels_last_3d), "_convolution_pointwise_"
 
 

@@ -247,7 +247,6 @@ def test_batch_one_convolution_as_two_halves_equals_the_convolution():
 def test_fused_residual_block_equals_monai_forward_and_backward(cin, affine):
     from monai.networks.blocks.dynunet_block import UnetResBlock
 
-    from heads.unetr import instance_norm_as_group_norm
     from ops.unetr_blocks import FusedResBlock
 
     torch.manual_seed(0)
@@ -256,7 +255,7 @@ def test_fused_residual_block_equals_monai_forward_and_backward(cin, affine):
     for m in ref.modules():
         if isinstance(m, torch.nn.InstanceNorm3d) and affine:
             torch.nn.init.uniform_(m.weight, 0.5, 1.5), torch.nn.init.uniform_(m.bias, -1, 1)
-    fused = FusedResBlock(instance_norm_as_group_norm(UnetResBlock(3, cin, 16, 3, 1, norm)))
+    fused = FusedResBlock(UnetResBlock(3, cin, 16, 3, 1, norm))
     fused.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
     ref32 = UnetResBlock(3, cin, 16, 3, 1, norm)  # MONAI in fp32: the rounding error to stay within
     ref32.load_state_dict(fused.state_dict())
@@ -280,14 +279,13 @@ def test_fused_residual_block_equals_monai_forward_and_backward(cin, affine):
 def test_fused_up_block_joins_the_skip_without_concatenating():
     from monai.networks.blocks import UnetrUpBlock
 
-    from heads.unetr import instance_norm_as_group_norm
     from ops.unetr_blocks import FusedUpBlock, fuse_decoder_blocks
 
     torch.manual_seed(0)
     args = dict(spatial_dims=3, in_channels=32, out_channels=16, kernel_size=3, upsample_kernel_size=2,
                 norm_name="instance", res_block=True)
     ref = UnetrUpBlock(**args).double()
-    holder = fuse_decoder_blocks(nn.ModuleList([instance_norm_as_group_norm(UnetrUpBlock(**args))]), "on")
+    holder = fuse_decoder_blocks(nn.ModuleList([UnetrUpBlock(**args)]), "on")
     fused = holder[0]
     assert isinstance(fused, FusedUpBlock)
     fused.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
