@@ -19,6 +19,7 @@ from backbones import create_backbone
 from backbones.base import PoolType
 from backbones.weights import detect_format, load_pretrained, read_checkpoint
 from heads.classification import Classifier, classification_head
+from ops import CpuKernels, use_cpu_kernels
 
 DistillationKind = Literal["none", "soft", "kl", "hard"]
 
@@ -104,13 +105,15 @@ def saved_pool(path: str | None) -> PoolType | None:
 
 
 def build_teacher(
-    name: str, *, num_classes: int, pretrained: str | None, kwargs: dict[str, Any] | None, pool: PoolType | None = None
+    name: str, *, num_classes: int, pretrained: str | None, kwargs: dict[str, Any] | None, pool: PoolType | None = None,
+    cpu_kernels: CpuKernels = "off",
 ) -> FrozenTeacher:
     """The teacher network: a ``Classifier`` over one of our backbones (any file ``load_pretrained`` reads, our
     checkpoints included), or for ``timm:<name>`` with a timm file the whole timm model with its classifier.
     Ours pools by ``pool``, else as its checkpoint was trained (``saved_pool``), else by the backbone's default:
     a head trained on averaged tokens gives other logits on the class token (the dense ViT-S of
-    ``configs/vit_small_patch16.yaml``: val top-1 0.95 by ``avg``, 0.74 by ``cls``)."""
+    ``configs/vit_small_patch16.yaml``: val top-1 0.95 by ``avg``, 0.74 by ``cls``). Its linear layers run as the
+    student's ``cpu_kernels`` says, so one policy holds for the whole run."""
     state = read_checkpoint(pretrained) if pretrained else None
     ours = state is not None and detect_format(state).name == "vision-suite"
     if name.startswith("timm:") and not ours:
@@ -129,4 +132,4 @@ def build_teacher(
             load_pretrained(network, pretrained, state=state)
     if not pretrained:
         rank_zero_warn(f"the teacher {name!r} has no teacher_pretrained file: it distils its random initial weights")
-    return FrozenTeacher(network)  # plain PyTorch (ops/' kernels are the student's cpu_kernels option)
+    return FrozenTeacher(use_cpu_kernels(network, cpu_kernels))  # the student's switch: one policy for the run

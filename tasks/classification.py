@@ -140,7 +140,7 @@ class ClassificationModule(TaskModule):
         if hp.teacher is not None and self._teacher is None:
             self._teacher = build_teacher(
                 hp.teacher, num_classes=self.num_classes, pretrained=hp.teacher_pretrained, kwargs=hp.teacher_kwargs,
-                pool=hp.teacher_pool,
+                pool=hp.teacher_pool, cpu_kernels=hp.cpu_kernels,
             )
         return self._teacher
 

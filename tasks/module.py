@@ -70,7 +70,7 @@ class TaskModule(L.LightningModule):
             little (benchmarks/RESULTS.md).
         compile_options: keyword arguments of ``torch.compile`` (``mode``, ``backend``, ``dynamic``, ``fullgraph``).
         cpu_kernels: the hand-written CPU kernels of ``ops/`` (oneDNN linear layers, UNETR's fused decoder blocks,
-            EfficientFormerV2's fused convolutions): ``off`` plain PyTorch, ``on`` the kernels wherever they apply,
+            packed convolutions of fused inference forms): ``off`` plain PyTorch, ``on`` the kernels wherever they apply,
             ``auto`` the faster of the two per layer and shape, timed once per process (``ops/kernels.py``). GPUs,
             autocast, compilers and exporters always get plain PyTorch; parameters and checkpoints are the same.
         activation_checkpointing: recompute each transformer block in the backward pass instead of keeping its

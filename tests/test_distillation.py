@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from cli_runs import TINY_VIT, read_metrics, run_task, write_shapes
 
 from datamodules.classification import ClassificationDataModule
-from engine.distillation import build_teacher
+from engine.distillation import build_teacher, distillation_loss
 from tasks.classification import ClassificationModule
-from engine.distillation import distillation_loss
 
 TINY = {"img_size": 32, "depth": 1, "embed_dim": 48, "num_heads": 2}
 
@@ -169,3 +168,15 @@ def test_bad_teacher_files_are_named_before_training(teacher_file: Path, tmp_pat
     module = student(teacher_file, teacher="timm:resnet18", teacher_kwargs=None, teacher_pretrained=str(other))
     with pytest.raises(ValueError, match=r"other\.pth does not fit timm model 'timm:resnet18'"):
         module.setup("fit")
+
+
+@pytest.mark.parametrize("cpu_kernels", ["off", "on"])
+def test_a_teacher_runs_the_students_cpu_kernels(cpu_kernels: str) -> None:
+    from ops.onednn_linear import OneDnnLinear
+
+    teacher = build_teacher(
+        "vit_tiny_patch16", num_classes=3, pretrained=None, cpu_kernels=cpu_kernels,
+        kwargs={"img_size": 32, "depth": 1, "embed_dim": 32, "num_heads": 2},
+    )
+    linears = [m for m in teacher.network.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, OneDnnLinear) == (cpu_kernels == "on") for m in linears)
