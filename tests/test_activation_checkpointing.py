@@ -59,6 +59,7 @@ def test_timesformer(attention: str) -> None:
     assert_same_gradients(module, lambda m: m(x).logsumexp(1).sum())
 
 
+@pytest.mark.slow
 def test_unetr_through_the_task_hyperparameter() -> None:
     vit = {"img_size": 32, "embed_dim": 48, "depth": 4, "num_heads": 2, "out_indices": [0, 1, 2, 3], **DROPS}
     module = MedicalSegmentationModule(backbone="unetr_vit_base", backbone_kwargs=vit, num_classes=3, feature_size=8,

@@ -56,6 +56,7 @@ def check_contract(model: torch.nn.Module, x: torch.Tensor) -> None:
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list_backbones())
 def test_registered_backbone_contract(name: str) -> None:
     kwargs, shape = tiny_case(name)
@@ -63,6 +64,7 @@ def test_registered_backbone_contract(name: str) -> None:
     check_contract(model, torch.randn(shape))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TIMM_SEEDS))
 def test_timm_seed_contract(name: str) -> None:
     model = create_backbone(f"timm:{name}", **TIMM_SEEDS[name])

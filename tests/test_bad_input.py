@@ -220,6 +220,7 @@ def test_a_run_whose_clips_fail_to_decode_stops_naming_them(narrow_clips: Path, 
 # --- the command line's last line -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_prints_a_bad_data_root_as_one_line_without_traceback(tmp_path: Path) -> None:
     root = write_shapes(tmp_path / "shapes", train_per_class=2, val_per_class=1)
     bad = truncate(save_image(root / "val" / "square" / "scan.jpg"))

@@ -146,6 +146,7 @@ def test_empty_class_folder_and_missing_root_are_named(tmp_path: Path) -> None:
         ClassificationDataModule(str(tmp_path / "missing"))
 
 
+@pytest.mark.slow
 def test_cli_fit_test_predict_end_to_end(tmp_path: Path) -> None:
     root = write_image_folder(tmp_path / "data", classes=("cat", "dog", "owl"), per_class=4)
     common = [
@@ -166,6 +167,7 @@ def test_cli_fit_test_predict_end_to_end(tmp_path: Path) -> None:
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in (root / "val").rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_default_config_fast_dev_run_on_synthetic_shapes(tmp_path: Path) -> None:
     cli = main([
         "fit", "--config=configs/vit_small_patch16.yaml", "--trainer.fast_dev_run=2", "--data.num_workers=0",

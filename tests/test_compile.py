@@ -71,6 +71,7 @@ def recording_backend(graphs: list[torch.fx.GraphModule]) -> Any:
     return backend
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", list(TASKS))
 def test_compiled_forward_equals_eager(task: str) -> None:
     torch._dynamo.reset()
@@ -86,6 +87,7 @@ def test_compiled_forward_equals_eager(task: str) -> None:
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_inductor_forward_and_gradients_equal_eager() -> None:
     torch._dynamo.reset()
     eager = build("classification")
@@ -101,6 +103,7 @@ def test_inductor_forward_and_gradients_equal_eager() -> None:
         torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.slow
 def test_compiled_fit_checkpoint_loads_into_an_eager_model(tmp_path) -> None:
     torch._dynamo.reset()
     module = build("classification", compile=True, compile_options={"backend": "aot_eager"}, lr=1e-3)

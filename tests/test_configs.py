@@ -34,6 +34,7 @@ def classes_of(task: str) -> tuple[type[TaskModule], type[L.LightningDataModule]
     return model_cls, data_cls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
     model_cls, data_cls = classes_of(task_of(config))

@@ -85,6 +85,7 @@ def _task(task: str, cpu_kernels: str) -> tuple[nn.Module, torch.Tensor]:
     return module, torch.randn(2, 1, 32, 32, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["classification", "segmentation", "medical"])
 def test_every_switch_value_gives_the_same_model_outputs_and_gradients(task):
     """A model trained with ``on`` loads into ``off`` (and ``auto``) under the same names and gives the same logits

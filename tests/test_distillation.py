@@ -54,6 +54,7 @@ def kl_to_teacher(module: ClassificationModule, x: torch.Tensor) -> float:
         return float(distillation_loss(module(x), module.teacher(x), "soft"))
 
 
+@pytest.mark.slow
 def test_student_moves_toward_the_teacher_which_stays_frozen_and_unsaved(shapes: Path, teacher_file: Path, tmp_path: Path) -> None:
     data = ClassificationDataModule(str(shapes), image_size=32, batch_size=8, num_workers=0)
     data.setup("fit")
@@ -140,6 +141,7 @@ def test_bad_distillation_options_are_named(teacher_file: Path, options: dict, m
         student(teacher_file, **options)
 
 
+@pytest.mark.distributed
 def test_ddp_fit_with_a_teacher(shapes: Path, teacher_file: Path, tmp_path: Path, synthetic_cache: str) -> None:
     args = [
         "fit", "--seed_everything=1", "--model.backbone=vit_tiny_patch16", TINY_VIT,

@@ -45,6 +45,7 @@ def ddp_fit(shapes: Path, tmp_path_factory: pytest.TempPathFactory, synthetic_ca
     return out
 
 
+@pytest.mark.distributed
 def test_ddp_training_matches_one_process_with_the_global_batch(ddp_fit: Path, shapes: Path, tmp_path: Path) -> None:
     """Ranks split each global batch of the one-process run, so 2 x 4 trains like 1 x 8 (up to float order)."""
     main(["fit", *cli_args(shapes, tmp_path), "--trainer.max_epochs=2", "--data.batch_size=8", "--trainer.devices=1"])
@@ -55,6 +56,7 @@ def test_ddp_training_matches_one_process_with_the_global_batch(ddp_fit: Path, s
         assert [r[key] for r in two if key in r] == [r[key] for r in one if key in r]
 
 
+@pytest.mark.distributed
 def test_ddp_validation_counts_every_sample_once(ddp_fit: Path, shapes: Path, tmp_path: Path) -> None:
     """The same weights validated by one process: equal to the last digit float addition order allows; with the
     padded DistributedSampler the 15 images would be 16 and the loss a mean of per-rank means."""
@@ -65,6 +67,7 @@ def test_ddp_validation_counts_every_sample_once(ddp_fit: Path, shapes: Path, tm
     assert top1 == last_value(one, "val/top1") and round(top1 * 15) == pytest.approx(top1 * 15, abs=1e-5)
 
 
+@pytest.mark.distributed
 def test_ddp_predict_writes_each_output_once(ddp_fit: Path, shapes: Path, tmp_path: Path, synthetic_cache: str) -> None:
     out = tmp_path / "preds"
     run_task("classification", [
@@ -161,6 +164,7 @@ def segmentation_args(out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.distributed
 def test_segmentation_ddp_validation_equals_one_process(tmp_path: Path, synthetic_cache: str) -> None:
     """A SegFormer (BatchNorm in the decoder, so ``sync_batchnorm`` is exercised) trained by two processes and
     validated on 5 scenes: its mIoU, accuracies and loss equal one process's (confusion matrices summed)."""

@@ -63,6 +63,7 @@ def test_parameter_counts_equal_timms(name: str) -> None:
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
 def test_logits_equal_timms_after_loading_its_checkpoint(name: str, tmp_path: Path) -> None:
     reference = timm_model(name, img_size=128)
@@ -190,6 +191,7 @@ def test_input_sides_must_be_multiples_of_32() -> None:
         model(torch.randn(1, 3, 100, 96))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
 def test_fused_equals_unfused(name: str) -> None:
     model = create_backbone(name, img_size=64).eval()
@@ -227,6 +229,7 @@ def test_fused_network_follows_weights_loaded_after_it_ran() -> None:
             assert torch.allclose(fa, fb, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
 def test_contract(name: str) -> None:
     model = create_backbone(name)
@@ -242,6 +245,7 @@ def test_contract(name: str) -> None:
     assert {n for n in model.no_weight_decay()} == {n for n, _ in model.named_parameters() if "attention_biases" in n}
 
 
+@pytest.mark.slow
 def test_segmentation_and_classification_train(tmp_path: Path) -> None:
     cli = segmentation_main([
         "fit", "--config=configs/segformer_efficientformerv2_s0.yaml", "--trainer.fast_dev_run=1",

@@ -170,6 +170,7 @@ def search_args(ckpt: Path, out: Path, *budget: str) -> list[str]:
             "--latency.repeats=1", "--latency.warmup=0", *budget]
 
 
+@pytest.mark.slow
 def test_mes_search_ends_within_the_budget_and_its_network_runs_through_the_cli(supernet_ckpt: Path, tmp_path: Path) -> None:
     with torch.device("meta"):
         largest = create_backbone("efficientformerv2_supernet_s", **TINY).params(
@@ -222,6 +223,7 @@ def test_bad_budgets_spaces_and_configs_are_refused(supernet_ckpt: Path, superne
     assert isinstance(supernet.sample_subnet(torch.Generator()), SubnetPasses)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["evolution", "mes_pruning"])
 def test_either_strategy_finds_a_network_with_the_supernetworks_logits(supernet_ckpt: Path, tmp_path: Path,
                                                                        strategy: str) -> None:

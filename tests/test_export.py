@@ -62,6 +62,7 @@ def randomise(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", list(TASKS))
 def test_onnx_in_onnxruntime_equals_pytorch_at_other_batch_sizes(task: str, tmp_path: Path, capsys) -> None:
     build, size, other_shapes = TASKS[task]
@@ -81,6 +82,7 @@ def test_onnx_in_onnxruntime_equals_pytorch_at_other_batch_sizes(task: str, tmp_
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left beside it
 
 
+@pytest.mark.slow
 def test_token_pruned_vit_exports_its_gathering_inference_form(tmp_path: Path) -> None:
     model = randomise(ClassificationModule(backbone="vit_small_patch16", backbone_kwargs={**TINY_VIT, "depth": 4},
                                            num_classes=3, token_pruning=True, keep_ratio=0.5))
@@ -99,6 +101,7 @@ TINY_SUPERNET = {
 }
 
 
+@pytest.mark.slow
 def test_super_network_exports_its_full_network_whatever_subnet_was_active(tmp_path: Path) -> None:
     model = randomise(ClassificationModule(backbone="vit_resnas_supernet_tiny", backbone_kwargs=TINY_SUPERNET, num_classes=3))
     x = torch.randn(2, 3, 56, 56)
@@ -111,6 +114,7 @@ def test_super_network_exports_its_full_network_whatever_subnet_was_active(tmp_p
     assert np.abs(session.run(None, {"input": x.numpy()})[0] - full.numpy()).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_torchscript_round_trip_takes_other_batch_and_image_sizes(tmp_path: Path) -> None:
     model = randomise(segmenter())
     path = export_model(model, "torchscript", tmp_path / "seg.torchscript.pt", input_size=(64, 64))
@@ -143,6 +147,7 @@ def write_run_checkpoint(model: L.LightningModule, path: Path) -> Path:
 CLI_TINY = ["--model.backbone", "vit_small_patch16", "--model.backbone_kwargs", str(TINY_VIT), "--data.image_size", "32"]
 
 
+@pytest.mark.slow
 def test_cli_exports_the_checkpoints_weights_beside_it(tmp_path: Path, capsys) -> None:
     model = randomise(classifier())
     ckpt = write_run_checkpoint(model, tmp_path / "last.ckpt")
@@ -157,6 +162,7 @@ def test_cli_exports_the_checkpoints_weights_beside_it(tmp_path: Path, capsys) -
     assert json.loads(meta["class_names"]) == list(SHAPE_CLASSES)
 
 
+@pytest.mark.slow
 def test_cli_ckpt_path_last_is_the_runs_last_checkpoint(tmp_path: Path) -> None:
     model = randomise(classifier())
     (tmp_path / "checkpoints").mkdir()
@@ -167,6 +173,7 @@ def test_cli_ckpt_path_last_is_the_runs_last_checkpoint(tmp_path: Path) -> None:
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_cli_rejects_an_unknown_format_and_missing_weights(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         classification_main(["export", *CLI_TINY, "--export.format", "tflite"])

@@ -37,6 +37,7 @@ def fit_args(root: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights_and_metrics(shapes: Path, tmp_path: Path, synthetic_cache: str) -> None:
     full, broken = tmp_path / "full", tmp_path / "broken"
     kill = ["--trainer.callbacks+=tests.fault_injection.KillAtStep", "--trainer.callbacks.step=5"]

@@ -43,6 +43,7 @@ def test_sampling_is_reproducible_per_seed_and_names_short_classes() -> None:
         sample_shots(np.array([0] * 30 + [1] * 30 + [2] * 3), 5, 0, "abc")
 
 
+@pytest.mark.slow
 def test_cli_on_synthetic_shapes_beats_chance(tmp_path, one_thread) -> None:
     """The default run's recipe at a tiny size, trained for 300 steps (3 epochs, 24 steps, taught nothing: 10-shot
     0.39, where the untrained network's features give 0.38-0.45), then the few-shot CLI on its checkpoint. The
@@ -87,6 +88,7 @@ def fit_tiny(root, out, callbacks: list, steps: int = 6) -> dict[str, torch.Tens
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_callback_logs_fewshot_and_leaves_training_unchanged(tmp_path, one_thread, monkeypatch) -> None:
     from cli_runs import read_metrics, write_shapes
 

@@ -65,6 +65,7 @@ def fsdp_fit(shapes: Path, tmp_path_factory: pytest.TempPathFactory, synthetic_c
     return out
 
 
+@pytest.mark.distributed
 def test_fsdp_trains_and_resumes_like_one_process(fsdp_fit: Path, shapes: Path, tmp_path: Path) -> None:
     """Epoch 1 from the first run, epoch 2 from the resumed one: the losses of one process with batch 8, no
     checkpointing, to float rounding (the reduce-scatter sums in another order)."""
@@ -76,6 +77,7 @@ def test_fsdp_trains_and_resumes_like_one_process(fsdp_fit: Path, shapes: Path, 
     assert series(two, "val/top1") == series(one, "val/top1")
 
 
+@pytest.mark.distributed
 def test_fsdp_checkpoint_is_one_full_file_that_one_process_loads(fsdp_fit: Path, shapes: Path, tmp_path: Path) -> None:
     path = fsdp_fit / "epoch1.ckpt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)

@@ -26,6 +26,7 @@ def tiny_module(**kwargs) -> MedicalSegmentationModule:
     return MedicalSegmentationModule(**{**args, **kwargs})
 
 
+@pytest.mark.slow
 def test_monai_unetr_base_checkpoint_gives_the_same_logits(tmp_path):
     from monai.networks.nets import UNETR
 
@@ -82,6 +83,7 @@ def test_bare_monai_vit_checkpoint_loads_into_the_backbone(tmp_path):
     torch.testing.assert_close(tokens[1], hidden[1], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_unetr_vit_base_preset():
     vit = create_backbone("unetr_vit_base")
     assert vit.out_indices == [3, 6, 9, 11] and vit.num_prefix_tokens == 0
@@ -91,6 +93,7 @@ def test_unetr_vit_base_preset():
         create_backbone("unetr_vit_base", hidden_size=768)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(32, 32, 32), (64, 48, 32), (48, 48, 48)])
 def test_output_matches_the_input_for_several_roi_sizes(size):
     module = tiny_module()
@@ -143,6 +146,7 @@ def test_image_vit_checkpoint_initialises_the_3d_encoder_by_inflation(tmp_path):
     assert out.shape == (1, 3, 32, 32, 32) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_channels_last_instance_norm_is_exact_on_a_full_resolution_map():
     """Over a 96³ map the kernel's statistics stay as exact as PyTorch's contiguous instance norm (the norm's
     outputs within a few times that kernel's own error against float64), without copying the map out of its
@@ -176,6 +180,7 @@ def test_instance_norm_act_gradients_match_autograd_in_float64(channels_last):
                                    torch.autograd.grad(expected, (x, weight, bias), grad))
 
 
+@pytest.mark.slow
 def test_channels_last_decoder_keeps_names_outputs_and_gradients():
     """The fused channels-last decoder has MONAI's parameter names (NCDHW or not), and its logits and gradients are
     within a few times those of MONAI's blocks in the same layout (``cpu_kernels: off``) from float64."""

@@ -91,6 +91,7 @@ def test_scores_on_each_class_box_equal_monais_on_the_whole_volume():
 # --- sliding window and predictions ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sliding_window_covers_any_volume_size():
     module = tiny_module(sw_overlap=0.25, sw_stitch_on_cpu=True).eval()
     x = torch.randn(1, 1, 40, 50, 36)
@@ -146,6 +147,7 @@ def test_predict_writes_nifti_in_the_inputs_space(tmp_path):
 # --- training ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_short_fit_raises_dice(tmp_path):
     write_decathlon_folder(tmp_path, num_train=6, num_test=1, size=48)
     dm = MedicalDataModule(
@@ -170,6 +172,7 @@ def test_short_fit_raises_dice(tmp_path):
 # --- configs -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_configs_instantiate(config, tmp_path, monkeypatch):
     monkeypatch.setenv("VISION_SUITE_CACHE", str(tmp_path))

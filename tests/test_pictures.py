@@ -72,6 +72,7 @@ def summary_flops(printed: str) -> str:
     return found.group(1).strip()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_fit_logs_pictures_curves_and_flops(task: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fit(task, tmp_path)
@@ -88,6 +89,7 @@ def test_fit_logs_pictures_curves_and_flops(task: str, tmp_path: Path, capsys: p
         assert curves.size[0] > 500 and np.asarray(curves.convert("L")).std() > 10  # drawn, not blank
 
 
+@pytest.mark.slow
 def test_a_csv_only_run_skips_pictures_and_still_writes_the_curves(tmp_path: Path) -> None:
     fit("classification", tmp_path, "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         f"--trainer.logger.save_dir={tmp_path}", "--trainer.enable_model_summary=false")

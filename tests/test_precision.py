@@ -47,6 +47,7 @@ TASK_RUNS: dict[str, list[str] | Callable[[Path], list[str]]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", sorted(TASK_RUNS))
 def test_bf16_mixed_fast_dev_run(task: str, tmp_path: Path) -> None:
     run = TASK_RUNS[task]

@@ -37,6 +37,7 @@ def test_a_previous_release_checkpoint_loads_and_gives_its_outputs(name: str) ->
     torch.testing.assert_close(output, saved["output"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_previous_release_checkpoint_resumes_through_the_cli(tmp_path: Path, synthetic_cache: str) -> None:
     """``--ckpt_path`` with a file of the previous release: the run state (loops, callbacks, optimizer) is read."""
     args = [

@@ -122,6 +122,7 @@ def compare(case: str, truth: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor,
         assert error <= bound, f"{case} {name}: ours is {error:.3g} from the exact result, the reference {own_error:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PAIRS))
 def test_a_bfloat16_step_equals_the_reference_on_the_cpu(name: str, tmp_path: Path) -> None:
     check_against_reference(PAIRS[name](tmp_path), "cpu", torch.bfloat16)

@@ -33,6 +33,7 @@ def fit_args(root: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.distributed
 def test_ddp_processes_draw_the_same_subnet_every_step(shapes: Path, tmp_path: Path, synthetic_cache: str) -> None:
     ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=4", "--trainer.max_epochs=2"]
     run_task("classification", fit_args(shapes, tmp_path, *ddp), cache=synthetic_cache)
@@ -41,6 +42,7 @@ def test_ddp_processes_draw_the_same_subnet_every_step(shapes: Path, tmp_path: P
     assert len(set(rank0.values())) > 1  # the choices really change from step to step
 
 
+@pytest.mark.slow
 def test_resumed_run_draws_what_the_uninterrupted_run_drew(shapes: Path, tmp_path: Path, synthetic_cache: str) -> None:
     full, broken = tmp_path / "full", tmp_path / "broken"
     kill = ["--trainer.callbacks+=tests.fault_injection.KillAtStep", "--trainer.callbacks.step=5"]

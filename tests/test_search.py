@@ -81,6 +81,7 @@ def check_found_network(out: Path, ckpt: Path, supernet: str, size: int) -> dict
     return found
 
 
+@pytest.mark.slow
 def test_search_keeps_the_budget_resumes_and_its_network_runs_through_the_cli(supernet_ckpt, tmp_path: Path) -> None:
     root, ckpt = supernet_ckpt
     out = tmp_path / "search"
@@ -109,6 +110,7 @@ def test_search_keeps_the_budget_resumes_and_its_network_runs_through_the_cli(su
     classification_main(["fit", *common, "--trainer.fast_dev_run=true"])
 
 
+@pytest.mark.slow
 def test_mes_pruning_searches_the_same_space(supernet_ckpt, tmp_path: Path) -> None:
     _, ckpt = supernet_ckpt
     with torch.device("meta"):

@@ -26,6 +26,7 @@ PRESETS = {  # widths, depths of the paper / NVlabs release; heads 1/2/5/8 and r
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_mit_preset_shapes_and_strides(name: str) -> None:
     widths, depths = PRESETS[name]

@@ -55,6 +55,7 @@ def test_sliding_window_averages_windows_on_mmsegs_grid() -> None:
     assert torch.allclose(model.forward_stage(x, "val"), total / count, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_predict_writes_palette_masks_at_the_original_size(tmp_path: Path) -> None:
     images = tmp_path / "images"
     sizes = {"a": (40, 56), "sub/b": (50, 30)}
@@ -79,6 +80,7 @@ def test_predict_writes_palette_masks_at_the_original_size(tmp_path: Path) -> No
     assert [(int(r["height"]), int(r["width"])) for r in rows] == list(sizes.values())
 
 
+@pytest.mark.slow
 def test_short_fit_on_synthetic_scenes_raises_miou() -> None:
     """50 steps on 16 scenes, measured on those scenes: the loop, loss and metrics work end to end
     (generalisation is the default run's job: configs/segformer_b0.yaml)."""
@@ -136,6 +138,7 @@ def test_cli_links_the_datas_ignore_index_into_the_model() -> None:
     assert cli.model.metrics["val_metrics"]["miou"].ignore_index == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
     args = ["--config", str(config), "--trainer.logger", "false"]

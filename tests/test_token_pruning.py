@@ -141,6 +141,7 @@ def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_training_losses_logged_and_the_recipe_holds_the_pretrained_network(shapes: Path, teacher_file: Path, tmp_path: Path) -> None:
     module = tiny(
         token_pruning=True, keep_ratio=0.5, pretrained=str(teacher_file), teacher="vit_tiny_patch16", teacher_kwargs=TINY,
@@ -190,6 +191,7 @@ def test_predictors_start_at_the_keep_ratio_targets() -> None:
     assert kept == pytest.approx([0.7, 0.49, 0.343], abs=0.03)
 
 
+@pytest.mark.slow
 def test_keep_ratio_loss_reaches_its_targets_against_a_dense_teacher(tmp_path: Path) -> None:
     """From the release's start (every unit kept with probability 0.5), the training objective (cross-entropy, keep
     ratio, KL and token MSE to the dense teacher) on a learnable task brings each stage to rho^s, with attention as

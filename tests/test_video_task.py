@@ -114,6 +114,7 @@ def test_configs_instantiate(name: str, clip_root: Path, tmp_path: Path) -> None
 
 
 
+@pytest.mark.slow
 def test_short_fit_on_synthetic_videos_learns_the_order(tmp_path: Path, one_thread: None) -> None:
     """Growing vs shrinking: the two classes hold the same frames in opposite orders (chance: 50%)."""
     L.seed_everything(0)

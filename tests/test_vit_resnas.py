@@ -81,6 +81,7 @@ def release_state_dict(network_def: str, img_size: int = 224, mid_chans: int = 2
     return state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RELEASE_PARAMS))
 def test_parameters_and_macs_at_224_match_the_release(name: str) -> None:
     with torch.device("meta"):
@@ -149,6 +150,7 @@ def test_residual_spatial_reduction_pools_pads_and_projects() -> None:
         assert torch.allclose(y2[:, :1], y[:, :1] + 1.0)  # the class token's linear path is added to the skip
 
 
+@pytest.mark.slow
 def test_release_checkpoint_loads_with_nothing_missing_or_unexpected(tmp_path: Path) -> None:
     state = release_state_dict(TINY_NETWORK_DEF)
     path = tmp_path / "epoch@299_checkpoint.pth.tar"
@@ -189,6 +191,7 @@ def test_release_checkpoint_from_another_resolution_is_resampled(tmp_path: Path)
         load_pretrained(model, path)
 
 
+@pytest.mark.slow
 def test_classification_fast_dev_run(tmp_path: Path) -> None:
     cli = main([
         "fit", "--config=configs/vit_resnas_tiny.yaml", "--trainer.fast_dev_run=2", "--data.num_workers=0",
@@ -201,6 +204,7 @@ def test_classification_fast_dev_run(tmp_path: Path) -> None:
     assert_trained(cli)
 
 
+@pytest.mark.slow
 def test_segmentation_fast_dev_run_over_the_three_maps(tmp_path: Path) -> None:
     from tasks.segmentation import main as segmentation_main
 

@@ -166,6 +166,7 @@ def test_multi_architecture_training_lowers_the_loss() -> None:
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
 
 
+@pytest.mark.distributed
 def test_supernet_draws_are_the_same_on_two_ddp_processes_and_after_a_restart(tmp_path: Path, synthetic_cache: str) -> None:
     import json
 

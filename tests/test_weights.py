@@ -23,6 +23,7 @@ def timm_vit_s16(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Mod
     return model, path
 
 
+@pytest.mark.slow
 def test_timm_vit_s16_checkpoint_gives_timm_logits(timm_vit_s16) -> None:
     reference, path = timm_vit_s16
     ours = ClassificationModule(backbone="vit_small_patch16", num_classes=1000, pretrained=str(path)).eval()
