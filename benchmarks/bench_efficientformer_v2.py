@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import platform
 import statistics
 import time
 
@@ -19,7 +18,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Entry, bench_parser, compare, cpu_kernels, parse_bench_args, write_section
+from benchmarks.harness import cpu_model, Entry, bench_parser, compare, cpu_kernels, parse_bench_args, write_section
 from tasks.classification import ClassificationModule
 
 MODELS = ("efficientformerv2_s0", "efficientformerv2_s1", "efficientformerv2_s2", "efficientformerv2_l")
@@ -95,7 +94,7 @@ def main() -> None:
     results = [run(m, args.batch, args.size, args.steps, args.warmup) for m in args.models]
     header = (
         f"Inference, {args.size}x{args.size}, batch {args.batch}; fp32, {torch.get_num_threads()} thread(s), each model "
-        f"alone for {args.steps} passes after {args.warmup} warm-up, in turn, twice (median); {platform.processor() or platform.machine()}, "
+        f"alone for {args.steps} passes after {args.warmup} warm-up, in turn, twice (median); {cpu_model()}, "
         f"torch {torch.__version__}, {datetime.date.today()}.\n\n"
         "| model | ours fused samples/s | ours samples/s | timm samples/s | fused vs timm | unfused vs timm | "
         "max abs diff fused vs unfused (logits) |\n|---|---|---|---|---|---|---|"

@@ -13,14 +13,13 @@ memory (pinned on a GPU), so the comparison is of the hot path, not of image dec
 from __future__ import annotations
 
 import datetime
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-from benchmarks.harness import bench_parser, cpu_kernels, parse_bench_args, write_section
+from benchmarks.harness import cpu_model, bench_parser, cpu_kernels, parse_bench_args, write_section
 from tasks.classification import ClassificationModule
 from engine.fewshot import extract_features
 
@@ -65,7 +64,7 @@ def run(backbone: str, size: int, batch: int, batches: int, steps: int, warmup: 
             if step >= warmup:
                 times[name].append(seconds)
     rate = {k: batch * batches / statistics.median(v) for k, v in times.items()}
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()}, {torch.get_num_threads()} thread(s)"
     return "\n".join([
         (f"{backbone} at {size}x{size}, batch {batch} x {batches} batches per pass, {'bf16 autocast' if amp else 'fp32'}; "
         f"median of {steps} interleaved passes after {warmup} warm-up; {where}, torch {torch.__version__}, {datetime.date.today()}."),

@@ -18,7 +18,8 @@ import argparse
 import datetime
 import json
 import os
-import platform
+
+from benchmarks.harness import cpu_model
 import resource
 import subprocess
 import sys
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         b = json.loads(Path(out, "breakdown.json").read_text())
     state = b["params"] + b["grads"] + b["adamw"]
     print(f"{args.model} ({b['params_m']:.1f} M parameters), {args.image_size}², batch {args.batch} per process, "
-          f"{args.steps} AdamW steps, fp32; {platform.machine()}, {os.cpu_count()} cores, "
+          f"{args.steps} AdamW steps, fp32; {cpu_model()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / GIB:.0f} GiB, torch {torch.__version__}, "
           f"{datetime.date.today()}.\n")
     print(f"Analytical, per process: parameters {b['params']:.2f} GiB, gradients {b['grads']:.2f}, AdamW state "

@@ -47,6 +47,18 @@ class Entry:
 _CPU_KERNELS_ENV = "VISION_SUITE_BENCH_CPU_KERNELS"
 
 
+def cpu_model() -> str:
+    """The processor's model name as ``lscpu`` prints it (``Intel(R) Xeon(R) Processor``, ``AMD EPYC 7B13``): CPU
+    figures depend on it (MKL, oneDNN and PyTorch take other code paths per vendor and instruction set)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def cpu_kernels() -> CpuKernels:
     """The running script's ``--cpu-kernels``: what our task modules are built with. ``parse_bench_args`` puts it in
     the environment, so the fresh processes a script starts (memory measurements) build theirs the same way."""
@@ -124,7 +136,7 @@ def compare(
     rate = {k: {s: batch / statistics.median(v) for s, v in t.items()} for k, t in times.items()}
     lines = [
         f"{title}; fp32, {torch.get_num_threads()} thread(s), our CPU kernels {cpu_kernels()}, median of {steps} "
-        f"interleaved steps after {warmup} warm-up; {platform.processor() or platform.machine()}, "
+        f"interleaved steps after {warmup} warm-up; {cpu_model()}, "
         f"torch {torch.__version__}, {datetime.date.today()}. "
         f"Ceiling: fp32 2048x2048 matmul {peak:.1f} GFLOP/s (the better of MKL and oneDNN).",
         "",
