@@ -8,7 +8,7 @@ channels and stride up front in ``feature_info`` so heads can be built without r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -279,6 +279,20 @@ class Reduction:
     config: Any
 
 
+class SubnetSpace(Protocol):
+    """What a super-network's search space answers (``Supernet.space``); configs are plain lists and numbers."""
+
+    def genes(self) -> list[Gene]: ...
+
+    def decode(self, values: Sequence[Any]) -> Any: ...
+
+    def encode(self, config: Any) -> tuple[Any, ...]: ...
+
+    def extreme(self, largest: bool) -> Any: ...
+
+    def reductions(self, config: Any) -> list[Reduction]: ...
+
+
 class Supernet(Backbone):
     """A backbone holding the weights of the largest network of a search space, any sub-network of which it runs
     (``set_subnet``) and cuts out as an ordinary backbone with sliced weights (``extract``): the contract a network
@@ -290,9 +304,12 @@ class Supernet(Backbone):
     way). Training draws come from ``sample_subnet`` and ``set_subnet`` (``Backbone``'s dynamic hooks).
 
     A subclass sets ``subnet_preset`` (the registered preset whose class an extracted sub-network is; the ``backbone``
-    of a found network's YAML) and ``fixed_kwargs`` (the architecture arguments every sub-network shares).
+    of a found network's YAML), ``fixed_kwargs`` (the architecture arguments every sub-network shares) and ``space``,
+    to which the search-space methods below hand their work.
     """
 
+    space: SubnetSpace
+    """The search space: its genes, configs and reductions (``SubnetSpace``)."""
     subnet_preset: str
     """The preset an extracted sub-network is built by, with ``arch_kwargs`` as its ``backbone_kwargs``."""
     fixed_kwargs: dict[str, Any]
@@ -302,19 +319,19 @@ class Supernet(Backbone):
 
     def search_space(self) -> list[Gene]:
         """Every choice, in a fixed order: ``(name, values)``, values largest first."""
-        raise NotImplementedError
+        return self.space.genes()
 
     def subnet(self, genes: Sequence[Any]) -> Any:
         """The sub-network of gene values (one per ``search_space`` entry, in its order)."""
-        raise NotImplementedError
+        return self.space.decode(genes)
 
     def subnet_genes(self, config: Any) -> tuple[Any, ...]:
         """The gene values of ``config``; a ValueError naming the choice and its values when it lies outside."""
-        raise NotImplementedError
+        return self.space.encode(config)
 
     def extreme_subnet(self, largest: bool) -> Any:
         """The largest sub-network (every first value) or the smallest (every last value)."""
-        return self.subnet([values[0] if largest else values[-1] for _, values in self.search_space()])
+        return self.space.extreme(largest)
 
     # --- one sub-network --------------------------------------------------------------------------------------
 
@@ -344,4 +361,4 @@ class Supernet(Backbone):
     def reductions(self, config: Any) -> list[Reduction]:
         """Every one-step reduction of ``config`` that pruning may take (drop a block, narrow a stage, fewer heads, a
         smaller MLP), each still in the space."""
-        raise NotImplementedError
+        return self.space.reductions(config)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Gene, LatencyPart, Reduction, SubnetPasses, Supernet
+from .base import LatencyPart, SubnetPasses, Supernet
 from .efficientformer_v2 import (
     AttentionDownsample, ConvNorm, Downsample, EfficientFormerV2, EfficientFormerV2Block, LocalGlobalQuery,
     TalkingHeadAttention,
@@ -210,21 +210,6 @@ class EfficientFormerV2Supernet(EfficientFormerV2, Supernet):
         return count_macs_params(self.arch_kwargs(config))
 
     # --- the search space (the Supernet contract) --------------------------------------------------------------
-
-    def search_space(self) -> list[Gene]:
-        return self.space.genes()
-
-    def subnet(self, genes: Sequence[Any]) -> SubnetConfig:
-        return self.space.decode(genes)
-
-    def subnet_genes(self, config: SubnetConfig) -> tuple[Any, ...]:
-        return self.space.encode(config)
-
-    def extreme_subnet(self, largest: bool) -> SubnetConfig:
-        return self.space.extreme(largest)
-
-    def reductions(self, config: SubnetConfig) -> list[Reduction]:
-        return self.space.reductions(config)
 
     def latency_parts(self, config: SubnetConfig, batch_size: int) -> list[LatencyPart]:
         """The stem at its width, every downsampling at its two widths, every kept block at its stage, width and

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .base import Gene, LatencyPart, Reduction, Supernet
+from .base import Gene, LatencyPart, Supernet
 from .layers import resample_pos_embed, to_tuple
 from .registry import build_preset, register
 from .vit_resnas import ConvPatchEmbed, ResidualSpatialReduction, ResNASBlock, ViTResNAS
@@ -156,18 +156,6 @@ class ViTResNASSupernet(ViTResNAS, Supernet):
 
     def search_space(self) -> list[Gene]:
         return [(gene_key(place), choices) for place, choices in self.space.genes()]
-
-    def subnet(self, genes: Sequence[Any]) -> SubnetConfig:
-        return self.space.decode(genes)
-
-    def subnet_genes(self, config: SubnetConfig) -> tuple[Any, ...]:
-        return self.space.encode(config)
-
-    def extreme_subnet(self, largest: bool) -> SubnetConfig:
-        return self.space.extreme(largest)
-
-    def reductions(self, config: SubnetConfig) -> list[Reduction]:
-        return self.space.reductions(config)
 
     def latency_parts(self, config: SubnetConfig, batch_size: int) -> list[LatencyPart]:
         """The stem at its width, every spatial reduction at its two widths, every kept block at its stage, width,
