@@ -6,9 +6,11 @@ segment, Something-Something), scaled so the short side is random in ``jitter_sc
 and optionally flipped. Evaluation takes ``test_clips`` evenly spaced clips × ``test_crops`` crops along
 the long side (``[V, C, T, H, W]`` per sample when ``V > 1``). A file decord cannot read (it fails on some
 valid H.264 clips, e.g. of widths 16, 24, 48 or 72 px) is read with PyAV; each batch lists the reader that served
-each clip under ``batch["readers"]``. A clip neither can decode is skipped with one warning naming the file; the
-collate function drops it and reports it under ``batch["skipped"]``, and a pass over a split that skips more than
-``max_skipped_fraction`` of its clips stops the run with an error naming the first ones.
+each clip under ``batch["readers"]``. Clips neither can decode are found at setup (``check_files``: every frame
+decoded, or the headers read) and listed before training: left out with a warning naming each, or, more than
+``max_skipped_fraction`` of a split, an error. A clip that fails later is skipped with one warning naming the file;
+the collate function drops it and reports it under ``batch["skipped"]``, and a pass over a split that skips more
+than ``max_skipped_fraction`` of its clips stops the run with an error naming the first ones.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 from einops import rearrange
 from torch.utils.data import Dataset, default_collate
 
-from .common import DataError, TaskDataModule
+from .common import CheckFiles, DataError, TaskDataModule, check_mode, run_check
+from .errors import listing_error
 from .sampling import process_group
 from .synthetic_videos import MOTION_CLASSES, synthetic_motion_videos
 from .video_annotations import (
@@ -37,7 +40,7 @@ from .video_annotations import (
     read_entries,
     resolve_samples,
 )
-from .video_decoding import FRAME_READERS, SkippedClipCeiling
+from .video_decoding import FRAME_READERS, SkippedClipCeiling, probe_clip
 
 SamplingName = Literal["dense", "uniform"]
 VIDEO_MEAN = (0.45, 0.45, 0.45)  # the normalisation the TimeSformer (and SlowFast) release trains with
@@ -236,10 +239,15 @@ class VideoDataModule(TaskDataModule):
             along the long side; their scores are averaged by the module.
         batch_size: clips per process; the effective batch is ``batch_size * devices * nodes * accumulate``.
         num_workers: loader processes (``None``: up to 4).
-        check_files: check at setup that every listed file exists and is not empty.
-        max_skipped_fraction: clips that neither decord nor PyAV can decode are skipped (with a warning); a pass
-            over a split (an epoch of training, one validation) that skips more than this share of its clips
-            stops the run with an error naming the first files.
+        check_files: at setup, every listed file must exist and not be empty, and ``true``/``full`` decodes
+            every frame of every clip (in threads, timed), ``header`` opens each container and reads its stream
+            information only (fast, misses damage past the header); ``false``/``none`` checks nothing.
+            Undecodable clips are listed, all of them, before training: more than ``max_skipped_fraction`` of a
+            split stops the run, fewer are left out with a warning naming each.
+        max_skipped_fraction: the share of a split's clips that may be undecodable: found up front they are left
+            out; found later (``check_files: header``/``none``) they are skipped (with a warning), and a pass over
+            a split (an epoch of training, one validation) that skips more than this share of its clips stops
+            the run with an error naming the first files.
         synthetic_per_class: training clips per class of the synthetic set.
     """
 
@@ -266,7 +274,7 @@ class VideoDataModule(TaskDataModule):
         test_crops: Literal[1, 3] = 3,
         batch_size: int = 8,
         num_workers: int | None = None,
-        check_files: bool = True,
+        check_files: CheckFiles = True,
         max_skipped_fraction: float = 0.1,
         synthetic_per_class: int = 128,
     ) -> None:
@@ -312,12 +320,40 @@ class VideoDataModule(TaskDataModule):
         return self._resolve(name or hp.val_list)
 
     def samples(self, split: Literal["train", "val", "test", "predict"]) -> list[VideoSample]:
-        """The split's videos, with labels resolved and (``check_files``) existence checked up front."""
+        """The split's videos, with labels resolved; unless ``check_files`` is ``none``, checked up front: every file
+        exists, and the clips no reader can decode are left out (or stop the run, ``decodable``)."""
         entries = read_entries(self.list_path(split))
         samples = resolve_samples(entries, self.data_root(), self.vocab, require_labels=split != "predict")
-        if self.hparams.check_files:
-            check_exists(samples)
-        return samples
+        mode = check_mode(self.hparams.check_files)
+        if mode == "none":
+            return samples
+        check_exists(samples)
+        return self.decodable(samples, split, mode)
+
+    def decodable(self, samples: list[VideoSample], split: str, mode: Literal["full", "header"]) -> list[VideoSample]:
+        """``samples`` without the clips no reader can decode (``probe_clip``); raises one DataError listing them
+        all when they are more than ``max_skipped_fraction`` of the split, else warns naming each."""
+        bad: set[int] = set()
+
+        def probe(index: int) -> list[str]:
+            sample = samples[index]
+            problem = probe_clip(sample.path, mode)
+            if problem is None:
+                return []
+            bad.add(index)
+            return [f"{sample.path}: cannot be decoded: {problem} (listed at {sample.source})"]
+
+        problems = run_check(range(len(samples)), probe, what=f"{split} clips", mode=mode)
+        if not problems:
+            return samples
+        fraction = self.hparams.max_skipped_fraction
+        if len(problems) > fraction * len(samples):
+            raise listing_error(
+                f"undecodable {split} clip(s) of {len(samples)}, more than max_skipped_fraction={fraction:g}", problems
+            )
+        for problem in problems:
+            warnings.warn(f"leaving out {problem}", SkippedClipWarning, stacklevel=2)
+        return [s for i, s in enumerate(samples) if i not in bad]
 
     def scales(self) -> list[int]:
         lo, hi = self.hparams.jitter_scales

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -66,6 +66,56 @@ FRAME_READERS: dict[str, Callable[[Path, ClipChooser], tuple[np.ndarray, list[np
     "decord": read_with_decord,
     "pyav": read_with_pyav,
 }
+
+
+def probe_with_decord(path: Path, full: bool) -> None:
+    """Open ``path`` and read its frame count (``full``: decode every frame, 16 at a time, keeping none)."""
+    import decord
+
+    decord.logging.set_level(decord.logging.QUIET)
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    count = len(reader)
+    if count == 0:
+        raise ValueError("the video has no frames")
+    for start in range(0, count if full else 0, 16):
+        reader.get_batch(list(range(start, min(start + 16, count))))
+
+
+def probe_with_pyav(path: Path, full: bool) -> None:
+    """What ``probe_with_decord`` checks, with PyAV: the container's video stream (``full``: every frame decoded)."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("the file holds no video stream")
+        stream = container.streams.video[0]
+        if not full:
+            if stream.codec_context.width <= 0 or stream.codec_context.height <= 0:
+                raise ValueError("the video stream has no frame size")
+            return
+        if sum(1 for _ in container.decode(stream)) == 0:
+            raise ValueError("the video has no frames")
+
+
+CLIP_PROBES: dict[str, Callable[[Path, bool], None]] = {"decord": probe_with_decord, "pyav": probe_with_pyav}
+
+
+def probe_clip(path: Path, mode: Literal["full", "header"] = "full") -> str | None:
+    """Why no reader of ``FRAME_READERS`` can serve ``path``, each reader's reason (``None`` when one can), found up front: ``full``
+    decodes every frame of the clip (a training pass may read any of them), ``header`` opens the container and
+    reads the stream information only (fast; misses damage past the header). Readers are tried in the order the
+    dataset tries them, so a clip that decord fails on and PyAV reads passes, as it does in training."""
+    failures = []
+    for name, probe in CLIP_PROBES.items():
+        try:
+            probe(path, mode == "full")
+            return None
+        except ImportError:
+            continue
+        except Exception as err:  # noqa: BLE001  the readers raise several types for corrupt, truncated or odd files
+            text = str(err).strip()
+            failures.append(f"{name}: {type(err).__name__}: {text.splitlines()[0][:150] if text else ''}")
+    return "; ".join(failures) or "no video reader installed (decord or av)"
 
 
 class SkippedClipCeiling:

@@ -177,9 +177,13 @@ def narrow_clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for n in range(4):
         write_mp4(root / f"{n}.mp4", deforming_shape_clip(rng, MOTION_CLASSES[n % 2], size=32, num_frames=8)[:, :, :16])
     (root / "garbage.mp4").write_bytes(rng.integers(0, 255, 4000, dtype=np.uint8).tobytes())
+    (root / "cut.mp4").write_bytes((root / "0.mp4").read_bytes())
+    truncate(root / "cut.mp4", keep=0.5)
     (root / "classes.txt").write_text("\n".join(MOTION_CLASSES[:2]) + "\n")
     (root / "good.txt").write_text("".join(f"{n}.mp4 {n % 2}\n" for n in range(4)))
     (root / "bad.txt").write_text("garbage.mp4 0\n" * 4)
+    (root / "mixed.txt").write_text("".join(f"{n}.mp4 {n % 2}\n" for n in range(4)) + "garbage.mp4 0\ncut.mp4 1\n")
+    (root / "undecodable.txt").write_text("garbage.mp4 0\ncut.mp4 1\n")
     return root
 
 
@@ -212,9 +216,49 @@ def test_a_run_whose_clips_fail_to_decode_stops_naming_them(narrow_clips: Path, 
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
     with pytest.warns(UserWarning, match="garbage.mp4"), pytest.raises(DataError) as err:
-        trainer.fit(module, narrow_data(narrow_clips, "bad.txt"))
+        trainer.fit(module, narrow_data(narrow_clips, "bad.txt", check_files="none"))  # found in training
     assert "max_skipped_fraction=0.1" in str(err.value) and str(narrow_clips / "garbage.mp4") in str(err.value)
     assert trainer.global_step == 0  # stopped at the first batch, nothing trained
+
+
+@pytest.mark.parametrize("mode", ["full", "header"])
+def test_undecodable_clips_are_all_listed_at_setup(narrow_clips: Path, mode: str, capsys) -> None:
+    with pytest.raises(DataError, match=r"2 undecodable train clip\(s\) of 6, more than max_skipped_fraction=0\.1") as err:
+        narrow_data(narrow_clips, "mixed.txt", check_files=mode).setup("fit")
+    assert all(f"{narrow_clips / name}: cannot be decoded: decord: " in str(err.value) for name in ("garbage.mp4", "cut.mp4"))
+    assert err.value.one_line().startswith(f"{narrow_clips / 'garbage.mp4'}: cannot be decoded")
+    assert f"checked 6 train clips ({mode}) in" in capsys.readouterr().out
+    dm = narrow_data(narrow_clips, "mixed.txt", check_files=mode, max_skipped_fraction=0.5)
+    with pytest.warns(UserWarning) as warned:  # within the share: left out, each named
+        dm.setup("fit")
+    assert sorted(Path(str(w.message).split(":")[0].removeprefix("leaving out ")).name for w in warned) == ["cut.mp4", "garbage.mp4"]
+    assert [s.path.name for s in dm.datasets["train"].samples] == ["0.mp4", "1.mp4", "2.mp4", "3.mp4"]
+
+
+@pytest.mark.slow
+def test_cli_stops_before_training_on_undecodable_clips(narrow_clips: Path, tmp_path: Path) -> None:
+    from tasks.video import main
+
+    args = [
+        "fit", f"--data.root={narrow_clips}", "--data.val_list=good.txt", "--data.class_names=classes.txt",
+        "--data.num_frames=4", "--data.sampling_rate=1", "--data.jitter_scales=[16, 16]", "--data.crop_size=16",
+        "--data.num_workers=0", "--model.backbone=timesformer_nano_patch8", "--trainer.logger=false",
+        "--model.backbone_kwargs={embed_dim: 16, depth: 1, num_heads: 2, num_frames: 4, img_size: 16}",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1",
+    ]
+    with pytest.raises(DataError, match=r"2 undecodable train clip\(s\) of 2") as err:  # every clip: in-process
+        main([*args, "--data.train_list=undecodable.txt"])
+    assert "garbage.mp4" in str(err.value) and "cut.mp4" in str(err.value)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env.pop("VISION_SUITE_VERBOSE", None)
+    run = subprocess.run([sys.executable, "-m", "tasks.video", *args, "--data.train_list=mixed.txt"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 2, run.stderr[-3000:]
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: {narrow_clips / 'garbage.mp4'}: cannot be decoded"), run.stderr[-3000:]
+    assert lines[-1].endswith("(and 1 more undecodable train clip(s) of 6, more than max_skipped_fraction=0.1, listed above)")
+    assert any(line.strip().startswith(f"{narrow_clips / 'cut.mp4'}: cannot be decoded") for line in lines)
+    assert "Traceback" not in run.stderr and not (tmp_path / "checkpoints").exists()  # no step was trained
 
 
 # --- the command line's last line -----------------------------------------------------------------------------
