@@ -25,6 +25,9 @@ from .layers import Block, PatchEmbed, resample_pos_embed, run_checkpointed, to_
 from .video_blocks import DividedSpaceTimeBlock, VideoAttention, frames_to_clip
 
 
+_MLP_ACTS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh")}
+
+
 class VisionTransformer(Backbone):
     """Plain ViT (Dosovitskiy et al., 2021) over 2-D or 3-D patches, and its video form (TimeSformer).
 
@@ -47,6 +50,8 @@ class VisionTransformer(Backbone):
         init_values: LayerScale initial value, ``None`` for none.
         patch_bias: bias on the patch projection.
         norm_eps: LayerNorm epsilon (1e-6 in timm/Google ViTs, 1e-5 in MONAI's).
+        mlp_act: the MLPs' GELU: ``gelu`` (exact, timm's and PyTorch's) or ``gelu_tanh`` (the tanh approximation,
+            Flax's ``nn.gelu`` default: big_vision's ViTs compute with it).
         num_frames: makes this a video model for ``[B, C, T, H, W]`` clips (with ``spatial_dims=3``): the
             clip length ``time_embed`` is built for; other lengths work through interpolation.
         attention: for videos, ``joint`` (all space-time tokens attend to each other), ``divided``
@@ -79,6 +84,7 @@ class VisionTransformer(Backbone):
         init_values: float | None = None,
         patch_bias: bool = True,
         norm_eps: float = 1e-6,
+        mlp_act: Literal["gelu", "gelu_tanh"] = "gelu",
         num_frames: int | None = None,
         attention: VideoAttention = "joint",
         time_embed_std: float = 0.02,
@@ -97,7 +103,10 @@ class VisionTransformer(Backbone):
             raise ValueError("distilled=True puts a distillation token after the class token; set class_token=True")
         if attention == "divided" and init_values:
             raise ValueError("LayerScale (init_values) is not supported with divided attention")
+        if mlp_act not in _MLP_ACTS:
+            raise ValueError(f"mlp_act must be one of {', '.join(_MLP_ACTS)}, got {mlp_act!r}")
         self.attention = attention
+        self.mlp_act = mlp_act
         self.time_embed_std = time_embed_std
         self.spatial_dims = spatial_dims
         self.in_chans = in_chans
@@ -130,7 +139,10 @@ class VisionTransformer(Backbone):
         self.pos_drop = nn.Dropout(drop_rate)
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
-        common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate)
+        common = {
+            "mlp_ratio": mlp_ratio, "qkv_bias": qkv_bias, "proj_drop": drop_rate, "attn_drop": attn_drop_rate,
+            "act_layer": _MLP_ACTS[mlp_act],
+        }
         if attention == "divided":
             blocks: list[nn.Module] = [
                 DividedSpaceTimeBlock(

@@ -177,6 +177,13 @@ def load_pretrained(
     backbone = target if isinstance(target, Backbone) else target.backbone
     is_task = backbone is not target
     report = LoadReport(path=source, format=fmt.name, conventions=dict(fmt.conventions))
+    act = fmt.conventions.get("mlp_act")  # a backbone option, fixed when it was built: named, not changed
+    if act is not None and getattr(backbone, "mlp_act", act) != act:
+        report.notes.append(
+            f"{fmt.name} models compute their MLPs with mlp_act={act}, this backbone with mlp_act={backbone.mlp_act}: "
+            f"set backbone_kwargs mlp_act: {act} to compute as they do"
+        )
+        log.warning(report.notes[-1])
     foreign = {k.removeprefix("foreign."): v for k, v in converted.items() if k.startswith("foreign.")}
     converted = {k: v for k, v in converted.items() if not k.startswith("foreign.")}
     if foreign and fmt.name in _HEAD_MAPS:

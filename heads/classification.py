@@ -32,6 +32,8 @@ class ClassificationHead(nn.Module):
         distilled: a second classifier ``fc_dist`` on the distillation token (DeiT; token 1, ``pool='cls'``), or
             with ``pool='native'`` on the same pooled features (EfficientFormerV2); ``forward`` averages the two
             classifiers' logits, ``forward_both`` returns them apart.
+        mlp_act: the ``map`` pooling MLP's GELU, ``gelu`` or ``gelu_tanh`` (the backbone's ``mlp_act``: big_vision's
+            MAPHead uses the tanh approximation as its encoder does).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class ClassificationHead(nn.Module):
         mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
         distilled: bool = False,
+        mlp_act: str = "gelu",
     ) -> None:
         super().__init__()
         if pool == "cls" and num_prefix_tokens == 0:
@@ -59,7 +62,10 @@ class ClassificationHead(nn.Module):
         if pool == "map" and in_features % num_heads:
             raise ValueError(f"pool='map' splits {in_features} features over heads: num_heads={num_heads} does not divide it")
         self.attn_pool = (
-            AttentionPoolLatent(in_features, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            AttentionPoolLatent(
+                in_features, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                act_layer=partial(nn.GELU, approximate="tanh") if mlp_act == "gelu_tanh" else nn.GELU,
+            )
             if pool == "map" else None
         )
         self.drop = nn.Dropout(drop_rate)
@@ -154,5 +160,5 @@ def classification_head(
     return ClassificationHead(
         backbone.num_features, num_classes, pool=pool, num_prefix_tokens=backbone.num_prefix_tokens,
         num_heads=backbone.num_heads or 8, mlp_ratio=backbone.mlp_ratio, drop_rate=drop_rate,
-        distilled=backbone.distilled and pool in ("cls", "native"),
+        distilled=backbone.distilled and pool in ("cls", "native"), mlp_act=getattr(backbone, "mlp_act", "gelu"),
     )

@@ -1,5 +1,5 @@
 """ViT at scale (Zhai et al., 2022): the giant presets, the big_vision recipe (Adafactor, rsqrt schedule, decoupled
-weight decay, sigmoid loss), big_vision checkpoints and activation checkpointing."""
+weight decay, sigmoid loss), attention-pooling checkpoints and activation checkpointing."""
 
 from __future__ import annotations
 
@@ -132,76 +132,7 @@ def test_sigmoid_loss_and_head_bias() -> None:
     assert torch.all(softmax.head.fc.bias > -1.0)
 
 
-# --- big_vision checkpoints -----------------------------------------------------------------------------------
-
-
-def write_big_vision_npz(path, *, width: int, depth: int, heads: int, mlp: int, patch: int, grid: int,
-                         classes: int, pool: str, scan: bool = False, prefix: str = "params/") -> None:
-    """A random checkpoint in big_vision's ViT layout (``big_vision/models/vit.py`` parameter names and shapes)."""
-    rng = np.random.default_rng(0)
-
-    def r(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
-
-    def attention(into: dict, at: str) -> None:
-        for n in ("query", "key", "value"):
-            into[f"{at}/{n}/kernel"], into[f"{at}/{n}/bias"] = r(width, heads, width // heads), r(heads, width // heads)
-        into[f"{at}/out/kernel"], into[f"{at}/out/bias"] = r(heads, width // heads, width), r(width)
-
-    def mlp_block(into: dict, at: str) -> None:
-        into[f"{at}/Dense_0/kernel"], into[f"{at}/Dense_0/bias"] = r(width, mlp), r(mlp)
-        into[f"{at}/Dense_1/kernel"], into[f"{at}/Dense_1/bias"] = r(mlp, width), r(width)
-
-    w = {"embedding/kernel": r(patch, patch, 3, width), "embedding/bias": r(width), "pos_embedding": r(1, grid * grid, width),
-         "Transformer/encoder_norm/scale": 1 + r(width), "Transformer/encoder_norm/bias": r(width),
-         "head/kernel": r(width, classes), "head/bias": r(classes)}
-    if pool == "tok":
-        w["cls"] = r(1, 1, width)
-    if pool == "map":  # big_vision's MAPHead: probe, attention, LayerNorm, residual MLP
-        w["MAPHead_0/probe"], w["MAPHead_0/LayerNorm_0/scale"], w["MAPHead_0/LayerNorm_0/bias"] = r(1, 1, width), 1 + r(width), r(width)
-        attention(w, "MAPHead_0/MultiHeadDotProductAttention_0")
-        mlp_block(w, "MAPHead_0/MlpBlock_0")
-    blocks = []
-    for _ in range(depth):
-        b: dict = {"LayerNorm_0/scale": 1 + r(width), "LayerNorm_0/bias": r(width),
-                   "LayerNorm_1/scale": 1 + r(width), "LayerNorm_1/bias": r(width)}
-        attention(b, "MultiHeadDotProductAttention_0")
-        mlp_block(b, "MlpBlock_0")
-        blocks.append(b)
-    for name in blocks[0]:
-        if scan:
-            w[f"Transformer/encoderblock/{name}"] = np.stack([b[name] for b in blocks])
-        else:
-            w.update({f"Transformer/encoderblock_{i}/{name}": b[name] for i, b in enumerate(blocks)})
-    np.savez(path, **{prefix + k: v for k, v in w.items()})
-
-
-@pytest.mark.parametrize(
-    ("pool", "scan", "prefix"), [("gap", False, "params/"), ("tok", True, ""), ("gap", True, ""), ("map", False, "params/")]
-)
-def test_big_vision_npz_gives_timm_logits(tmp_path, pool: str, scan: bool, prefix: str) -> None:
-    import timm.models.vision_transformer as timm_vit
-
-    from tasks.classification import ClassificationModule
-
-    path = tmp_path / "vit.npz"
-    write_big_vision_npz(path, width=64, depth=3, heads=4, mlp=96, patch=8, grid=4, classes=7, pool=pool, scan=scan, prefix=prefix)
-    reference = timm_vit.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=96 / 64, num_classes=7,
-        class_token=pool == "tok", no_embed_class=True, global_pool={"tok": "token", "gap": "avg"}.get(pool, pool),
-        fc_norm=False,
-    ).eval()
-    timm_vit._load_weights(reference, str(path))  # timm's own big_vision loader: the oracle
-    ours = ClassificationModule(
-        backbone="vit_tiny_patch16", num_classes=7, pool={"tok": "cls", "gap": "avg"}.get(pool, pool), pretrained=str(path),
-        backbone_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 3, "num_heads": 4,
-                         "mlp_ratio": 96 / 64, "class_token": pool == "tok"},
-    ).eval()
-    report = ours.load_report
-    assert report.format == "big_vision-vit" and not report.missing and not report.unexpected
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+# --- attention-pooling checkpoints (big_vision's own .npz files: tests/test_release_formats.py) -----------------
 
 
 def test_timm_map_head_file_gives_timm_logits(tmp_path) -> None:

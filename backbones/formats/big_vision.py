@@ -7,7 +7,9 @@ big_vision saves Flax parameter trees flattened with ``/``, optionally under ``p
 ``scan``), ``Transformer/encoder_norm``, the ``gap``/``tok`` classifier ``head`` and the ``map`` pooling
 ``MAPHead_0``, which maps onto the classification head's ``attn_pool`` (timm's ``AttentionPoolLatent``). Dense
 kernels are ``[in, out]``; attention kernels ``[C, heads, head_dim]`` (query/key/value) and
-``[heads, head_dim, C]`` (out).
+``[heads, head_dim, C]`` (out). Its MLPs use Flax's default GELU, the tanh approximation: a backbone built with
+``mlp_act: gelu_tanh`` computes as big_vision does (tested against big_vision's own code on stored files,
+``tests/data/releases/big_vision``); with the exact GELU the load report says so.
 """
 
 from __future__ import annotations
@@ -101,4 +103,5 @@ def convert_big_vision_vit(state: StateDict) -> StateDict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-register_format("big_vision-vit", is_big_vision_vit, convert_big_vision_vit)
+# Flax's nn.gelu is the tanh approximation: big_vision's MLPs (and MAPHead's) compute with it
+register_format("big_vision-vit", is_big_vision_vit, convert_big_vision_vit, mlp_act="gelu_tanh")

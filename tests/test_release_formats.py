@@ -1,0 +1,84 @@
+"""Every release format the suite reads, proven on files written by the release's own code.
+
+``tests/data/releases/<name>/`` holds, per format, tiny checkpoints saved by the original repository's model code
+(random weights, fixed seed) in the release's own file format and layout, that code's outputs for a fixed input, and
+for the full-size presets a manifest of every key and shape of the original model's state dict; ``PROVENANCE.md``
+beside them names the repository, commit, function and command (the writers are ``tools/release_fixtures/*.py``).
+Here each file loads through ``pretrained=`` and must give the stored outputs, and each manifest, converted by our
+format converter, must give exactly our preset's keys and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backbones import create_backbone
+from backbones.weights import detect_format
+
+DATA = Path(__file__).parent / "data" / "releases"
+
+
+def meta_state(shapes: dict[str, list[int]], prefix: str = "") -> dict[str, torch.Tensor]:
+    """A state dict of the manifest's names and shapes on the meta device (nothing allocated)."""
+    return {prefix + k: torch.empty(v, device="meta") for k, v in shapes.items()}
+
+
+def assert_same_layout(converted: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> None:
+    """Every converted key is one of ours with our shape, and every one of ours is converted."""
+    assert sorted(set(ours) - set(converted)) == [], "keys of ours the release does not give"
+    assert sorted(set(converted) - set(ours)) == [], "release keys with no place in ours"
+    wrong = {k: (tuple(v.shape), tuple(ours[k].shape)) for k, v in converted.items() if v.shape != ours[k].shape}
+    assert wrong == {}
+
+
+# --- big_vision .npz (google-research/big_vision, big_vision/models/vit.py) ----------------------------------
+
+BIG_VISION = DATA / "big_vision"
+BV_TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 1.5,
+           "mlp_act": "gelu_tanh"}
+
+
+@pytest.mark.parametrize(("name", "pool"), [("vit_gap", "avg"), ("vit_tok_scan", "cls"), ("vit_map", "map")])
+def test_big_vision_npz_gives_big_vision_logits(name: str, pool: str) -> None:
+    from tasks.classification import ClassificationModule
+
+    ours = ClassificationModule(
+        backbone="vit_tiny_patch16", num_classes=5, pool=pool, pretrained=str(BIG_VISION / f"{name}.npz"),
+        backbone_kwargs={**BV_TINY, "class_token": pool == "cls"},
+    ).eval()
+    report = ours.load_report
+    assert report.format == "big_vision-vit" and not report.missing and not report.unexpected and not report.notes
+    with torch.no_grad():
+        logits = ours(torch.from_numpy(np.load(BIG_VISION / "input.npy")))
+    torch.testing.assert_close(logits, torch.from_numpy(np.load(BIG_VISION / f"{name}_logits.npy")), rtol=0, atol=1e-4)
+
+
+def test_big_vision_npz_with_the_exact_gelu_is_named() -> None:
+    from tasks.classification import ClassificationModule
+
+    ours = ClassificationModule(backbone="vit_tiny_patch16", num_classes=5, pool="avg",
+                                pretrained=str(BIG_VISION / "vit_gap.npz"),
+                                backbone_kwargs={**BV_TINY, "mlp_act": "gelu", "class_token": False})
+    assert any("mlp_act: gelu_tanh" in note for note in ours.load_report.notes)
+
+
+@pytest.mark.parametrize("preset", json.loads((BIG_VISION / "manifests.json").read_text()))
+def test_big_vision_manifest_matches_the_preset(preset: str) -> None:
+    from backbones.formats.big_vision import convert_big_vision_vit
+    from heads.classification import classification_head
+
+    manifest = json.loads((BIG_VISION / "manifests.json").read_text())[preset]
+    state = meta_state(manifest["keys"], prefix="params/")
+    assert detect_format(state).name == "big_vision-vit"
+    pool = {"gap": "avg", "map": "map"}[manifest["pool_type"]]
+    with torch.device("meta"):
+        backbone = create_backbone(preset, class_token=False, mlp_act="gelu_tanh", img_size=manifest["img_size"])
+        head = classification_head(backbone, manifest["num_classes"], pool)
+    ours = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    ours.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    assert_same_layout(convert_big_vision_vit(state), ours)
