@@ -25,6 +25,7 @@ from .distributed import FullyShardedStrategy, SyncBatchNormWhenDistributed
 from .export import TaskTrainer
 from .pictures import default_loggers
 from .predict import PredictionWriter
+from .version import __version__
 
 
 class MetricsPrinter(L.Callback):
@@ -50,6 +51,12 @@ class TaskCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         """Lightning's fit/validate/test/predict, and ``export`` (``TaskTrainer.export``: ONNX, TorchScript, safetensors)."""
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+    def init_parser(self, **kwargs: Any) -> Any:
+        """Lightning's parser with ``--version`` (``engine.__version__``), on the command and on each subcommand."""
+        parser = super().init_parser(**kwargs)
+        parser.add_argument("--version", action="version", version=f"vision-suite {__version__}")
+        return parser
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")
