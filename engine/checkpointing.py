@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.errors import CheckpointError
 from datamodules.io import atomic_write
@@ -105,24 +107,91 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def check_trainer_checkpoint(ckpt_path: str | Path | None, last_dir: str | Path | None = None) -> None:
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6, and numpy's .npz
+
+
+def checkpoint_damage(path: str | Path) -> str | None:
+    """Why the file at ``path`` is damaged (``None`` when it is sound), checked in full without unpickling
+    anything: a zip (torch's format, ``.npz``) must have its central directory and every record must match its
+    CRC (``zipfile.ZipFile.testzip``, which reads the whole file: torch.load itself checks no CRC and loads
+    flipped bits silently); a safetensors header must cover the file. Torch's legacy format has no checksum:
+    ``None`` for it, torch.load is the test."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt"):
+                return None
+        except Exception as err:  # noqa: BLE001  SafetensorError, OSError: the reason is what matters
+            return f"damaged safetensors file: {err}"
+    with open(path, "rb") as f:
+        if f.read(4) != ZIP_MAGIC:
+            return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"truncated: its zip directory is missing or damaged ({err}); was it written or copied in full?"
+    return None if bad is None else f"corrupt: the record {bad!r} fails its CRC check"
+
+
+def check_weights_file(value: str | None, option: str) -> None:
+    """Raise a ``CheckpointError`` naming ``option``'s file (``--model.pretrained``, ``--model.teacher_pretrained``)
+    when it is missing or damaged (``checkpoint_damage``); Hub names (``hf-hub:``, ``timm:``) are left to the hub."""
+    if not value or ":" in str(value).split("/")[0]:
+        return
+    path = Path(value)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found ({option})")
+    damage = checkpoint_damage(path)
+    if damage:
+        raise CheckpointError(f"{path}: unreadable weights file ({option}), {damage}")
+
+
+def resolve_last(last_dir: str | Path) -> Path | None:
+    """The checkpoint ``--ckpt_path last`` resumes from: ``<last_dir>/last.ckpt`` when it is sound, else the newest
+    sound ``*.ckpt`` beside it, with a warning naming both (``None`` when the folder holds no checkpoint).
+    Raises a ``CheckpointError`` when ``last.ckpt`` is damaged and nothing else there is sound."""
+    last = Path(last_dir) / "last.ckpt"
+    others = sorted((p for p in Path(last_dir).glob("*.ckpt") if p != last), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not last.is_file():
+        return None
+    damage = checkpoint_damage(last)
+    if damage is None:
+        return last
+    for other in others:
+        if checkpoint_damage(other) is None:
+            rank_zero_warn(f"{last} is unreadable ({damage}); resuming from {other}, the newest readable checkpoint there")
+            return other
+    raise CheckpointError(f"{last}: unreadable checkpoint, {damage}; no other readable *.ckpt in {last_dir}")
+
+
+def check_trainer_checkpoint(ckpt_path: str | Path | None, last_dir: str | Path | None = None) -> str | None:
     """Raise a ``CheckpointError`` naming ``--ckpt_path``'s file and what it is when the trainer could not start
-    from it: missing, unreadable (truncated, corrupt) or not a Lightning checkpoint (a plain state dict, a
-    safetensors file, which ``--model.pretrained`` takes). ``last`` is checked as ``<last_dir>/last.ckpt`` when
-    that file exists. The file is read with ``weights_only=True`` and memory-mapped, so no code in it runs and
-    its tensors are not loaded; one that holds more than plain types is left to Lightning."""
+    from it: missing, damaged (``checkpoint_damage``: truncated, a CRC that does not match) or not a Lightning
+    checkpoint (a plain state dict, a safetensors file, which ``--model.pretrained`` takes); return the path to
+    start from. ``last`` becomes the file ``resolve_last`` finds in ``last_dir`` (stays ``last`` when there is
+    none). The file is read with ``weights_only=True`` and memory-mapped, so no code in it runs and its tensors
+    are not loaded; one that holds more than plain types is left to Lightning."""
     if ckpt_path is None:
-        return
+        return None
     path = Path(ckpt_path)
-    if str(ckpt_path) == "last" and last_dir is not None and (Path(last_dir) / "last.ckpt").is_file():
-        path = Path(last_dir) / "last.ckpt"
+    if str(ckpt_path) == "last" and last_dir is not None and Path(last_dir).is_dir():
+        found = resolve_last(last_dir)
+        if found is None:
+            return str(ckpt_path)
+        path = found
     elif str(ckpt_path).split(":")[0] in LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
-        return
+        return str(ckpt_path)
     hint = f"--ckpt_path takes a checkpoint a run wrote (runs/.../last.ckpt); load plain weights with --model.pretrained {path}"
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found (--ckpt_path)")
     if path.suffix == ".safetensors":
         raise CheckpointError(f"{path}: a safetensors weights file, not a Lightning checkpoint; {hint}")
+    damage = checkpoint_damage(path)
+    if damage:
+        raise CheckpointError(f"{path}: unreadable checkpoint, {damage}")
     try:
         try:
             content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -132,13 +201,13 @@ def check_trainer_checkpoint(ckpt_path: str | Path | None, last_dir: str | Path 
             content = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except pickle.UnpicklingError as err:
         if "Weights only load failed" in str(err):
-            return  # it holds objects beyond plain types (hyperparameters of a class): Lightning reads it
+            return str(path)  # it holds objects beyond plain types (hyperparameters of a class): Lightning reads it
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({err}); {hint}") from err
     except Exception as err:  # torch raises several types for truncated or corrupt files
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: unreadable checkpoint (truncated or corrupt?): {reason}") from err
     if isinstance(content, dict) and "pytorch-lightning_version" in content and "state_dict" in content:
-        return
+        return str(path)
     if isinstance(content, dict) and content and all(isinstance(v, torch.Tensor) for v in content.values()):
         what = f"a plain state dict of {len(content)} tensors"
     elif isinstance(content, dict):

@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from backbones import Backbone
 from datamodules.errors import InputError
 
-from .checkpointing import AtomicCheckpointIO, LastCheckpoint, check_trainer_checkpoint
+from .checkpointing import AtomicCheckpointIO, LastCheckpoint, check_trainer_checkpoint, check_weights_file
 from .distributed import FullyShardedStrategy, SyncBatchNormWhenDistributed
 from .export import TaskTrainer
 from .pictures import default_loggers
@@ -64,12 +64,19 @@ class TaskCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Lightning's parsing, then every checkpoint file the run reads checked in full (``--ckpt_path``, ``last``
+        falling back to the newest readable file, ``--model.pretrained``, ``--model.teacher_pretrained``), before
+        Lightning reads ``--ckpt_path``'s hyperparameters or anything is built."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(config.trainer.default_root_dir or os.getcwd(), "checkpoints")
-        if self.subcommand in ("fit", "validate", "test", "predict"):  # say what a bad file is before building anything
-            check_trainer_checkpoint(config.get("ckpt_path"), config.checkpoint.dirpath)
+        if subcommand in ("fit", "validate", "test", "predict"):
+            config.ckpt_path = check_trainer_checkpoint(config.get("ckpt_path"), config.checkpoint.dirpath)
+        for key in ("pretrained", "teacher_pretrained"):
+            check_weights_file(config.model.get(key) if config.get("model") else None, f"--model.{key}")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = self._get(self.config_init, "trainer", default={})

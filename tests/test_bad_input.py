@@ -138,7 +138,7 @@ def test_checkpoint_of_the_wrong_kind_is_named(lightning_ckpt: Path, tmp_path: P
         check_trainer_checkpoint(str(plain))
     broken = tmp_path / "last.ckpt"
     broken.write_bytes(lightning_ckpt.read_bytes()[:3000])
-    with pytest.raises(CheckpointError, match=rf"{broken}: unreadable checkpoint \(truncated or corrupt\?\)"):
+    with pytest.raises(CheckpointError, match=rf"{broken}: unreadable checkpoint, truncated: its zip directory"):
         check_trainer_checkpoint("last", last_dir=tmp_path)  # `last` is checked as the file it resolves to
     with pytest.raises(CheckpointError, match="checkpoint file not found"):
         check_trainer_checkpoint(str(tmp_path / "nope.ckpt"))
@@ -151,6 +151,34 @@ def test_cli_checks_ckpt_path_before_building_the_model(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(1)}, plain)
     with pytest.raises(CheckpointError, match="plain state dict"):  # raised before the full-size ViT-B is built
         main(["validate", "--model.backbone=vit_base_patch16", f"--ckpt_path={plain}", "--trainer.logger=false",
+              f"--trainer.default_root_dir={tmp_path}"])
+
+
+def test_last_checkpoint_cut_in_half_falls_back_to_the_newest_readable_one(lightning_ckpt: Path, tmp_path: Path) -> None:
+    data = lightning_ckpt.read_bytes()
+    older, newer, last = tmp_path / "epoch=0.ckpt", tmp_path / "epoch=1.ckpt", tmp_path / "last.ckpt"
+    older.write_bytes(data)
+    newer.write_bytes(data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:])  # one flipped bit: torch.load takes it
+    last.write_bytes(data[: len(data) // 2])
+    os.utime(older, (1, 1))
+    with pytest.warns(UserWarning, match=rf"{last} is unreadable \(truncated: .*\); resuming from {older}, the newest readable"):
+        assert check_trainer_checkpoint("last", last_dir=tmp_path) == str(older)
+    with pytest.raises(CheckpointError, match=rf"{newer}: unreadable checkpoint, corrupt: the record '.*' fails its CRC check"):
+        check_trainer_checkpoint(str(newer))
+    older.unlink()
+    with pytest.raises(CheckpointError, match=rf"{last}: unreadable checkpoint, truncated: .*no other readable \*\.ckpt"):
+        check_trainer_checkpoint("last", last_dir=tmp_path)
+
+
+@pytest.mark.parametrize("option", ["ckpt_path", "model.pretrained", "model.teacher_pretrained"])
+def test_cli_names_a_damaged_checkpoint_before_reading_it(lightning_ckpt: Path, tmp_path: Path, option: str) -> None:
+    from tasks.classification import main
+
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(lightning_ckpt.read_bytes()[: lightning_ckpt.stat().st_size // 2])
+    teacher = ["--model.teacher=vit_tiny_patch16"] if "teacher" in option else []
+    with pytest.raises(CheckpointError, match=rf"{cut}: unreadable (checkpoint|weights file \(--{option}\)), truncated"):
+        main(["fit", "--model.backbone=vit_base_patch16", f"--{option}={cut}", *teacher, "--trainer.logger=false",
               f"--trainer.default_root_dir={tmp_path}"])
 
 
