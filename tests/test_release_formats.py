@@ -28,12 +28,24 @@ def meta_state(shapes: dict[str, list[int]], prefix: str = "") -> dict[str, torc
     return {prefix + k: torch.empty(v, device="meta") for k, v in shapes.items()}
 
 
-def assert_same_layout(converted: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> None:
-    """Every converted key is one of ours with our shape, and every one of ours is converted."""
+def assert_same_layout(
+    converted: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], backbone=None, adapted: tuple[str, ...] = ()
+) -> None:
+    """Every converted key is one of ours with our shape, and every one of ours is converted; the keys in ``adapted``
+    (only those) take our shape through ``backbone.adapt_checkpoint_tensor``, as loading does."""
     assert sorted(set(ours) - set(converted)) == [], "keys of ours the release does not give"
     assert sorted(set(converted) - set(ours)) == [], "release keys with no place in ours"
-    wrong = {k: (tuple(v.shape), tuple(ours[k].shape)) for k, v in converted.items() if v.shape != ours[k].shape}
-    assert wrong == {}
+    differ = sorted(k for k, v in converted.items() if v.shape != ours[k].shape)
+    assert differ == sorted(adapted)
+    for key in differ:
+        tensor = backbone.adapt_checkpoint_tensor(key.removeprefix("backbone."), converted[key])
+        assert tensor is not None and tensor.shape == ours[key].shape, key
+
+
+def our_layout(backbone, head) -> dict[str, torch.Tensor]:
+    ours = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    ours.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    return ours
 
 
 # --- big_vision .npz (google-research/big_vision, big_vision/models/vit.py) ----------------------------------
@@ -79,6 +91,44 @@ def test_big_vision_manifest_matches_the_preset(preset: str) -> None:
     with torch.device("meta"):
         backbone = create_backbone(preset, class_token=False, mlp_act="gelu_tanh", img_size=manifest["img_size"])
         head = classification_head(backbone, manifest["num_classes"], pool)
-    ours = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    ours.update({f"head.{k}": v for k, v in head.state_dict().items()})
-    assert_same_layout(convert_big_vision_vit(state), ours)
+    assert_same_layout(convert_big_vision_vit(state), our_layout(backbone, head))
+
+
+# --- TimeSformer .pyth (facebookresearch/TimeSformer, timesformer/models/vit.py) -------------------------------
+
+TIMESFORMER = DATA / "timesformer"
+ATTENTION = {"divided_space_time": "divided", "joint_space_time": "joint", "space_only": "space_only"}
+
+
+@pytest.mark.parametrize("attention", list(ATTENTION))
+def test_timesformer_pyth_gives_the_release_logits(attention: str) -> None:
+    from tasks.video import VideoClassificationModule
+
+    ours = VideoClassificationModule(
+        backbone="timesformer_nano_patch8", num_classes=5, pretrained=str(TIMESFORMER / f"{attention}.pyth"),
+        backbone_kwargs={"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_frames": 4,
+                         "attention": ATTENTION[attention]},
+    ).eval()
+    report = ours.load_report
+    assert report.format == "timesformer-release" and not report.missing and not report.unexpected
+    assert report.adapted == ["backbone.patch_embed.proj.weight"]  # the release's per-frame 2-D kernel
+    with torch.no_grad():
+        logits = ours(torch.from_numpy(np.load(TIMESFORMER / "input.npy")))
+    expected = torch.from_numpy(np.load(TIMESFORMER / f"{attention}_logits.npy"))
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("release", json.loads((TIMESFORMER / "manifests.json").read_text()))
+def test_timesformer_manifest_matches_the_preset(release: str) -> None:
+    from backbones.weights import _convert_timesformer_release
+    from heads.classification import classification_head
+
+    manifest = json.loads((TIMESFORMER / "manifests.json").read_text())[release]
+    state = meta_state(manifest["keys"])
+    assert detect_format(state).name == "timesformer-release"
+    with torch.device("meta"):
+        backbone = create_backbone("timesformer_base_patch16", num_frames=manifest["num_frames"],
+                                   img_size=manifest["img_size"], attention=ATTENTION[manifest["attention_type"]])
+        head = classification_head(backbone, manifest["num_classes"], "cls")
+    assert_same_layout(_convert_timesformer_release(state), our_layout(backbone, head), backbone,
+                       adapted=("backbone.patch_embed.proj.weight",))

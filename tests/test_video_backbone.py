@@ -1,4 +1,4 @@
-"""The video ViT (TimeSformer): sizes, shapes, inflation from an image ViT, release checkpoints."""
+"""The video ViT (TimeSformer): sizes, shapes, inflation from an image ViT (release .pyth files: test_release_formats)."""
 
 from __future__ import annotations
 
@@ -135,71 +135,6 @@ def test_time_and_space_embeddings_adapt_to_a_checkpoint_of_another_size(tmp_pat
     assert {"backbone.time_embed", "backbone.pos_embed"} <= set(target.load_report.adapted)
     ends = target.backbone.time_embed[0, [0, -1]]
     torch.testing.assert_close(ends, source.backbone.time_embed[0, [0, -1]], atol=0.05, rtol=0)
-
-
-def release_state(module: VideoClassificationModule) -> dict[str, torch.Tensor]:
-    """Our module's weights under the names of a facebookresearch/TimeSformer ``.pyth`` file."""
-    state = {}
-    for key, value in module.state_dict().items():
-        if key.startswith("backbone."):
-            name = key.removeprefix("backbone.")
-            if name == "patch_embed.proj.weight":
-                value = value[:, :, 0]  # the release patchifies frames with a 2-D convolution
-            state[f"model.{name}"] = value
-        elif key.startswith("head.fc."):
-            state["model.head." + key.removeprefix("head.fc.")] = value
-    return state
-
-
-def test_release_pyth_checkpoint_loads(tmp_path) -> None:
-    torch.manual_seed(0)
-    source = randomise(video_module("divided", num_classes=7))
-    path = tmp_path / "TimeSformer_divST_8x32_224_K400.pyth"
-    torch.save({"epoch": 15, "model_state": release_state(source), "cfg": "TRAIN: {}"}, path)
-    target = video_module("divided", num_classes=7, pretrained=str(path))
-    assert target.load_report.format == "timesformer-release" and not target.load_report.missing
-    clip = moving_clip()
-    with torch.no_grad():
-        torch.testing.assert_close(target(clip), source(clip))
-
-
-HF_TO_RELEASE = [  # Hugging Face's TimeSformer names -> the release's (timm-style) names
-    ("timesformer.embeddings.cls_token", "cls_token"), ("timesformer.embeddings.position_embeddings", "pos_embed"),
-    ("timesformer.embeddings.time_embeddings", "time_embed"),
-    ("timesformer.embeddings.patch_embeddings.projection", "patch_embed.proj"), ("timesformer.encoder.layer.", "blocks."),
-    ("temporal_attention.attention.qkv", "temporal_attn.qkv"), ("temporal_attention.output.dense", "temporal_attn.proj"),
-    ("temporal_layernorm", "temporal_norm1"), ("temporal_dense", "temporal_fc"), ("attention.attention.qkv", "attn.qkv"),
-    ("attention.output.dense", "attn.proj"), ("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
-    ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2"), ("timesformer.layernorm", "norm"), ("classifier", "head"),
-]
-
-
-def hf_to_release_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for old, new in HF_TO_RELEASE:
-            key = key.replace(old, new)
-        out[f"model.{key}"] = value
-    return out
-
-
-@pytest.mark.parametrize("attention", ["divided_space_time", "joint_space_time"])
-def test_release_weights_reproduce_the_reference_model(tmp_path, attention: str) -> None:
-    """Hugging Face's port of the release, with random weights renamed to release keys, scores a clip as we do."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.TimesformerConfig(
-        image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=128, num_labels=7, attention_type=attention,
-    )
-    torch.manual_seed(0)
-    reference = randomise(transformers.TimesformerForVideoClassification(config), 0.05).eval()
-    path = tmp_path / "release.pyth"
-    torch.save({"model_state": hf_to_release_state(reference.state_dict())}, path)
-    ours = video_module(attention.split("_")[0], num_classes=7, backbone_kwargs={"num_frames": 4}, pretrained=str(path))
-    assert not ours.load_report.missing
-    clip = torch.randn(2, 3, 4, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(clip), reference(pixel_values=clip.transpose(1, 2)).logits, atol=1e-5, rtol=1e-4)
 
 
 def test_volume_vit_of_the_medical_task_is_unchanged(tmp_path) -> None:
