@@ -41,7 +41,8 @@ def sandwich_step(module: L.LightningModule, batch: dict[str, Any], passes: Subn
                 module.metrics["train_metrics"].update(*module.metric_inputs(output, target))
             total = loss if total is None else total + loss
     backbone.set_subnet(passes)  # the largest active again, the step's passes kept
-    module.check_finite(total)
+    if not module.check_finite({"sandwich": total}, batch):  # the sum over the passes
+        return None
     batch_size = target.shape[0]
     mean_loss = module.losses["train_loss"]
     mean_loss(total.detach().expand(batch_size))

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
@@ -50,6 +50,10 @@ class TaskModule(L.LightningModule):
             (``hf-hub:<org>/<repo>[/<file>]``, ``timm:<model>.<tag>``) read through huggingface_hub's cache.
         loss_weights: weights of auxiliary losses by name (``keep_ratio``, ``distill``...), overriding the
             defaults of the module that produces them; each is logged as ``train/loss_<name>``.
+        nonfinite_loss: what a NaN or infinite training loss does, found before the optimizer step: ``stop`` the
+            run (``NonFiniteLossError`` naming the step, the batch's files and the loss terms that went non-finite;
+            the last checkpoint written stays the newest), or ``skip`` the step with a warning saying the same and
+            count it (``train/nonfinite_steps``, per epoch).
         optimizer: ``adamw``, ``sgd`` (Nesterov-free, with ``momentum``), ``adafactor`` (torch's) or ``adafactor_bv``
             (big_vision's, Zhai et al. 2022: factored, momentum ``momentum`` in bfloat16, decay decoupled and
             relative to the scheduled lr, so ``weight_decay: 0.03`` is big_vision's ``wd = 0.03 * lr``).
@@ -97,6 +101,7 @@ class TaskModule(L.LightningModule):
         class_names: list[str] | None = None,
         pretrained: str | None = None,
         loss_weights: dict[str, float] | None = None,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
         optimizer: OptimizerName = "adamw",
         lr: float = 1e-3,
         head_lr_mult: float = 1.0,
@@ -268,12 +273,13 @@ class TaskModule(L.LightningModule):
         target = batch["target"]
         with torch.autocast(self.device.type, enabled=False):  # loss and metrics in fp32 under any precision
             loss = self.compute_loss(output, batch.get("loss_target", target))
+            terms = {"task": loss, **{name: term.value for name, term in auxiliary.items()}}
+            if stage == "train" and not self.check_finite(terms, batch):
+                return None  # skipped (nonfinite_loss: skip): no metric, no optimizer step
             metrics = self.metrics[f"{stage}_metrics"]
             metrics.update(*self.metric_inputs(output, target))
             if stage == "train" and auxiliary:
                 loss = self.add_auxiliary_losses(loss, auxiliary, batch_size=target.shape[0])
-        if stage == "train":
-            self.check_finite(loss)
         batch_size = target.shape[0]
         # one value per sample (MeanMetric's ``weight`` is ignored under nan_strategy="disable", torchmetrics 1.9)
         per_sample = loss.detach().expand(batch_size)
@@ -301,22 +307,36 @@ class TaskModule(L.LightningModule):
             total = total + overrides.get(name, term.weight) * value
         return total
 
-    def check_finite(self, loss: torch.Tensor) -> None:
-        """Stop the run, before the optimizer step, when the loss of any process is NaN or infinite."""
+    def check_finite(self, terms: dict[str, torch.Tensor], batch: dict[str, Any]) -> bool:
+        """Whether every loss term (``task`` and the auxiliary ones) is finite on every process, checked before the
+        optimizer step; when one is not, stop the run (``NonFiniteLossError``) or, with ``nonfinite_loss: skip``,
+        warn, count the step and return ``False``. Either way the step, the batch's files and the terms are named."""
         trainer = self._trainer
-        finite = local = bool(torch.isfinite(loss).all())
+        bad = {name: value for name, value in terms.items() if not bool(torch.isfinite(value.detach()).all())}
         if trainer is None:
-            return
+            return not bad
+        finite = not bad
         if trainer.world_size > 1:
-            finite = trainer.strategy.reduce_boolean_decision(local, all=True)
-        if not finite:
-            value = "non-finite on another process" if local else str(loss.item())
-            callback = trainer.checkpoint_callback
-            kept = (callback.last_model_path if callback is not None else "") or "none written yet"
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return True
+        which = ", ".join(f"{name}={value.detach().float().mean().item()}" for name, value in bad.items())
+        files = [str(p) for p in batch.get("path", [])]
+        shown = ", ".join(files[:8]) + (f", ... ({len(files)} in all)" if len(files) > 8 else "")
+        callback = trainer.checkpoint_callback
+        kept = (callback.last_model_path if callback is not None else "") or "none written yet"
+        where = (
+            f"at global step {trainer.global_step} (epoch {trainer.current_epoch}, rank {trainer.global_rank}): "
+            f"{which or 'finite here, non-finite on another process'}; batch files: {shown or 'not listed'}"
+        )
+        if self.hparams.get("nonfinite_loss", "stop") != "skip":
             raise NonFiniteLossError(
-                f"training loss is {value} at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
-                f"rank {trainer.global_rank}); stopped before the optimizer step. Last good checkpoint: {kept}"
+                f"training loss went non-finite {where}; stopped before the optimizer step. Last good checkpoint: "
+                f"{kept} (nonfinite_loss: skip skips such steps)"
             )
+        rank_zero_warn(f"skipping a step whose training loss went non-finite {where}")
+        self.log("train/nonfinite_steps", 1.0, on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+        return False
 
     def forward_stage(self, x: torch.Tensor, stage: Stage) -> torch.Tensor:
         """The forward pass used in ``stage``; tasks override it for sliding-window or multi-view testing."""

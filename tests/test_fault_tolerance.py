@@ -92,10 +92,21 @@ def _umask() -> int:
 def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(shapes: Path, tmp_path: Path) -> None:
     nan = ["--trainer.callbacks+=tests.fault_injection.NanInputAtStep", "--trainer.callbacks.step=3",
            "--trainer.deterministic=false"]
-    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at global step 3 \(epoch 1, rank 0\).*last\.ckpt"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at global step 3 \(epoch 1, rank 0\): task=nan; batch "
+                       rf"files: ({shapes}/train/\w+/\d\.png(, |; )){{8}}stopped.*Last good checkpoint: .*last\.ckpt"):
         main([*fit_args(shapes, tmp_path), *nan])
     kept = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert kept["global_step"] == 3 and all(v.isfinite().all() for v in kept["state_dict"].values())
+
+
+def test_nan_loss_step_is_skipped_and_counted_when_asked(shapes: Path, tmp_path: Path) -> None:
+    nan = ["--trainer.callbacks+=tests.fault_injection.NanInputAtStep", "--trainer.callbacks.step=3",
+           "--trainer.deterministic=false", "--model.nonfinite_loss=skip", "--trainer.max_epochs=2"]
+    with pytest.warns(UserWarning, match=r"skipping a step whose training loss went non-finite at global step 3 .*task=nan"):
+        cli = main([*fit_args(shapes, tmp_path), *nan])
+    assert cli.trainer.global_step == 6  # the skipped step still counts; it has no gradients, so no update
+    assert [r["train/nonfinite_steps"] for r in read_metrics(tmp_path) if "train/nonfinite_steps" in r] == [1.0]
+    assert all(v.isfinite().all() for v in cli.model.state_dict().values())
 
 
 def test_cli_keeps_last_checkpoint_where_ckpt_path_last_finds_it(tmp_path: Path) -> None:
