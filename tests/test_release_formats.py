@@ -132,3 +132,43 @@ def test_timesformer_manifest_matches_the_preset(release: str) -> None:
         head = classification_head(backbone, manifest["num_classes"], "cls")
     assert_same_layout(_convert_timesformer_release(state), our_layout(backbone, head), backbone,
                        adapted=("backbone.patch_embed.proj.weight",))
+
+
+# --- DynamicViT .pth (raoyongming/DynamicViT, models/dyvit.py VisionTransformerDiffPruning) ---------------------
+
+DYNAMICVIT = DATA / "dynamicvit"
+DEIT = {"deit-s": "vit_small_patch16", "deit-256": "vit_small_patch16", "deit-b": "vit_base_patch16"}
+
+
+def test_dynamicvit_pth_gives_the_release_pruned_logits() -> None:
+    """The release's inference (top-k tokens gathered before blocks 1, 2, 3 at rho 0.7) and ours give one answer."""
+    from tasks.classification import ClassificationModule
+
+    ours = ClassificationModule(
+        backbone="vit_small_patch16", num_classes=5, pretrained=str(DYNAMICVIT / "deit_tiny.pth"),
+        token_pruning=True, keep_ratio=0.7, prune_at=[1, 2, 3],
+        backbone_kwargs={"img_size": 56, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2},
+    ).eval()
+    report = ours.load_report
+    assert report.format == "dynamicvit-release" and not report.missing and not report.unexpected
+    assert "backbone.predictors.2.score.4.weight" in report.loaded
+    with torch.no_grad():
+        logits = ours(torch.from_numpy(np.load(DYNAMICVIT / "input.npy")))
+    expected = torch.from_numpy(np.load(DYNAMICVIT / "deit_tiny_logits.npy"))
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("release", list(DEIT))
+def test_dynamicvit_manifest_matches_the_preset(release: str) -> None:
+    from backbones.formats.dynamicvit import convert_dynamicvit_release
+    from backbones.token_pruning import DynamicViT
+    from heads.classification import classification_head
+
+    manifest = json.loads((DYNAMICVIT / "manifests.json").read_text())[release]
+    state = meta_state(manifest["keys"])
+    assert detect_format(state).name == "dynamicvit-release"
+    with torch.device("meta"):
+        vit = create_backbone(DEIT[release], embed_dim=manifest["embed_dim"], num_heads=manifest["num_heads"])
+        backbone = DynamicViT.from_vit(vit, keep_ratio=0.7, prune_at=manifest["pruning_loc"])
+        head = classification_head(backbone, manifest["num_classes"], "cls")
+    assert_same_layout(convert_dynamicvit_release(state), our_layout(backbone, head))
