@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from backbones import Backbone
 from datamodules.errors import InputError
@@ -108,13 +109,23 @@ VERBOSE_ENV = "VISION_SUITE_VERBOSE"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+PREEMPTED_EXIT_CODE = 75
+"""The exit status of a run stopped by SIGTERM or SIGUSR1 after saving ``last.ckpt``: ``EX_TEMPFAIL`` of
+sysexits.h, "try again later", for a job script or scheduler to requeue on (SLURM, Kubernetes, AWS Batch)."""
+
+
 @contextmanager
 def input_errors_in_one_line() -> Iterator[None]:
     """Print an ``InputError`` (bad data, a checkpoint of the wrong kind) as ``error: <file>: <reason>`` on the
     last line of stderr and exit with status 2; with ``VISION_SUITE_VERBOSE=1`` the traceback comes first.
-    Other exceptions, bugs, keep their traceback."""
+    A run stopped by a preemption signal exits with ``PREEMPTED_EXIT_CODE``. Other exceptions, bugs, keep their
+    traceback."""
     try:
         yield
+    except SIGTERMException:  # the loop stopped at a step boundary on SIGTERM/SIGUSR1; LastCheckpoint saved it
+        print(f"stopped by a preemption signal; resume with --ckpt_path last (exit status {PREEMPTED_EXIT_CODE}: "
+              "requeue)", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
     except Exception as raised:
         err = raised
         while err is not None and not isinstance(err, InputError):  # wrapped by a library (MONAI's apply_transform)
