@@ -27,6 +27,7 @@ from .export import TaskTrainer
 from .pictures import default_loggers
 from .predict import PredictionWriter
 from .version import __version__
+from .run_summary import print_outputs, silence_lightning_tips
 
 
 class MetricsPrinter(L.Callback):
@@ -60,10 +61,35 @@ class TaskCLI(LightningCLI):
         return parser
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+    # LightningCLI calls after_<subcommand> when the subcommand returns: say where its outputs went
+    def after_fit(self) -> None:
+        print_outputs(self.trainer, "fit")
+
+    def after_validate(self) -> None:
+        print_outputs(self.trainer, "validate")
+
+    def after_test(self) -> None:
+        print_outputs(self.trainer, "test")
+
+    def after_predict(self) -> None:
+        print_outputs(self.trainer, "predict")
+
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_class_arguments(LastCheckpoint, "checkpoint", fail_untyped=False, sub_configs=True)
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+
+    RUN_OPTIONS: tuple[str, ...] = ("token_merging",)
+    """Model options a run sets on a trained model: given on the command line or in a config, they win over the
+    hyperparameters of ``--ckpt_path`` (which Lightning otherwise puts over the command line's)."""
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        given = {k: model.get(k) for k in self.RUN_OPTIONS if model is not None and model.get(k) is not None}
+        super()._parse_ckpt_path()
+        for key, value in given.items():
+            self.config[subcommand].model[key] = value
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Lightning's parsing, then every checkpoint file the run reads checked in full (``--ckpt_path``, ``last``
@@ -176,5 +202,6 @@ def run_cli(
             "callbacks": [MetricsPrinter()],
         },
         args=args,
+    silence_lightning_tips()
         run=run,
     )

@@ -11,6 +11,10 @@
 - safetensors: the state dict, with the hyperparameters and class names as metadata; ``--model.pretrained
   file.safetensors`` loads it. Checked by reading it back through our checkpoint loader.
 
+ONNX and safetensors files carry in their metadata what it takes to feed them as ``predict`` feeds the model: the
+task, the class names, the input layout and size, the channel order, the normalisation (``pixel_scale``, ``mean``,
+``std``) and the data's evaluation settings (``input_metadata``).
+
 Every check runs the sample input (batch 2), a batch of 3 and, for segmentation, another height and width, and
 prints the largest absolute difference. A file is written under a temporary name beside its destination, checked,
 then renamed (``atomic_write``): a failed check leaves no file. The model exported is its inference form (eval
@@ -100,7 +104,10 @@ class TaskTrainer(L.Trainer):
             )
         output = Path(export.output or default_output(ckpt_path, self.default_root_dir, export.format))
         input_size = tuple(export.input_size) if export.input_size else default_input_size(model, datamodule)
-        return export_model(model, export.format, output, input_size=input_size, opset=export.opset, atol=export.atol)
+        return export_model(
+            model, export.format, output, input_size=input_size, opset=export.opset, atol=export.atol,
+            input_info=input_metadata(task_kind(model), datamodule, input_size),
+        )
 
     # the subcommand; jsonargparse names the method's argument group after the function, so the function is not
     # called ``export``, which would clash with the ``--export.*`` options group
@@ -166,6 +173,34 @@ def default_input_size(model: torch.nn.Module, datamodule: L.LightningDataModule
     raise ValueError(f"set --export.input_size: the {kind} data gives no input size to export at")
 
 
+# the data module's evaluation settings a user needs to prepare an input as ``predict`` does, per task
+EVAL_SETTINGS: dict[str, tuple[str, ...]] = {
+    "classification": ("interpolation",),
+    "video": ("sampling", "sampling_rate", "target_fps", "test_clips", "test_crops"),
+    "segmentation": ("eval_scale", "reduce_zero_label", "ignore_index"),
+    "medical": ("intensity", "ct_window", "spacing"),
+}
+
+
+def input_metadata(kind: TaskKind, datamodule: L.LightningDataModule | None, input_size: Sequence[int]) -> dict[str, str]:
+    """How to feed the exported graph as the data feeds the model, each value JSON: ``input_size`` (without batch
+    and channels), ``channel_order``, and for images ``pixel_scale``, ``mean`` and ``std`` (the input is
+    ``(pixels / pixel_scale - mean) / std``, channel first), classification's ``resize_short_side`` and centre crop,
+    and the data's other evaluation settings (``EVAL_SETTINGS``)."""
+    hp = dict(datamodule.hparams) if datamodule is not None else {}
+    info: dict[str, Any] = {"input_size": list(input_size)}
+    if kind == "medical":
+        info["channel_order"] = "the modality order of dataset.json"
+    else:
+        info |= {"channel_order": "RGB", "pixel_scale": 255}
+        info |= {k: list(hp[k]) for k in ("mean", "std") if hp.get(k) is not None}
+    if kind == "classification" and {"image_size", "crop_pct"} <= hp.keys():
+        info["resize_short_side"] = round(hp["image_size"] / hp["crop_pct"])
+        info["center_crop"] = [hp["image_size"], hp["image_size"]]
+    info |= {k: hp[k] for k in EVAL_SETTINGS[kind] if k in hp}
+    return {k: json.dumps(v) for k, v in info.items()}
+
+
 def inference_form(model: torch.nn.Module) -> torch.nn.Module:
     """The model as it runs at inference: on the CPU in float32, eval mode, a super-network's full network."""
     model = model.cpu().float().eval()
@@ -191,9 +226,10 @@ def sample_inputs(model: torch.nn.Module, input_size: Sequence[int], *, dynamic_
 
 def export_model(
     model: torch.nn.Module, fmt: str, output: str | Path, *, input_size: Sequence[int], opset: int = ONNX_OPSET,
-    atol: float = 1e-4,
+    atol: float = 1e-4, input_info: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``model`` (a task module) as ``fmt`` to ``output``, check it against PyTorch and return the path."""
+    """Write ``model`` (a task module) as ``fmt`` to ``output``, check it against PyTorch and return the path.
+    ``input_info`` (``input_metadata``) joins the file's metadata: how to prepare an input."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
@@ -204,6 +240,7 @@ def export_model(
     with torch.no_grad():
         expected = [model(x) for x in inputs]
     metadata = {"task": kind, "class_names": json.dumps(model.class_names), "input_layout": _layout(kind)}
+    metadata |= input_info or {"input_size": json.dumps(list(input_size))}
     writers: dict[str, Callable[[str], None]] = {
         "onnx": lambda tmp: write_onnx(
             model, tmp, inputs, expected, kind=kind, opset=opset, atol=atol, metadata=metadata
