@@ -21,8 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.errors import CheckpointError
 from datamodules.io import atomic_write
@@ -106,14 +105,6 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """On SIGTERM (or SIGUSR1, ``run_state.Preemption``) Lightning's loop stops at the end of a training step
-        with ``SIGTERMException``: save ``last.ckpt`` there, so ``--ckpt_path last`` resumes the run exactly. Other
-        exceptions (a NaN loss, a crash) save nothing: the last checkpoint written stays the newest."""
-        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            rank_zero_info(f"preempted at global step {trainer.global_step}: saved {self.last_model_path}")
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6, and numpy's .npz

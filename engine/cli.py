@@ -26,8 +26,8 @@ from .distributed import FullyShardedStrategy, SyncBatchNormWhenDistributed
 from .export import TaskTrainer
 from .pictures import default_loggers
 from .predict import PredictionWriter
-from .version import __version__
 from .run_summary import print_outputs, silence_lightning_tips
+from .version import __version__
 
 
 class MetricsPrinter(L.Callback):
@@ -60,7 +60,6 @@ class TaskCLI(LightningCLI):
         parser.add_argument("--version", action="version", version=f"vision-suite {__version__}")
         return parser
 
-    def add_arguments_to_parser(self, parser: Any) -> None:
     # LightningCLI calls after_<subcommand> when the subcommand returns: say where its outputs went
     def after_fit(self) -> None:
         print_outputs(self.trainer, "fit")
@@ -74,22 +73,11 @@ class TaskCLI(LightningCLI):
     def after_predict(self) -> None:
         print_outputs(self.trainer, "predict")
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_class_arguments(LastCheckpoint, "checkpoint", fail_untyped=False, sub_configs=True)
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-
-    RUN_OPTIONS: tuple[str, ...] = ("token_merging",)
-    """Model options a run sets on a trained model: given on the command line or in a config, they win over the
-    hyperparameters of ``--ckpt_path`` (which Lightning otherwise puts over the command line's)."""
-
-    def _parse_ckpt_path(self) -> None:
-        subcommand = self.config.get("subcommand")
-        model = self.config[subcommand].get("model") if subcommand else None
-        given = {k: model.get(k) for k in self.RUN_OPTIONS if model is not None and model.get(k) is not None}
-        super()._parse_ckpt_path()
-        for key, value in given.items():
-            self.config[subcommand].model[key] = value
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Lightning's parsing, then every checkpoint file the run reads checked in full (``--ckpt_path``, ``last``
@@ -191,6 +179,7 @@ def run_cli(
     ``cli_class`` lets a task link more data attributes into its model (a ``TaskCLI`` subclass). From the command
     line (``args`` None) a user's input errors print as one line, the traceback behind ``VISION_SUITE_VERBOSE=1``."""
     torch.set_float32_matmul_precision("high")
+    silence_lightning_tips()
     return cli_class(
         model_class,
         datamodule_class,
@@ -202,6 +191,5 @@ def run_cli(
             "callbacks": [MetricsPrinter()],
         },
         args=args,
-    silence_lightning_tips()
         run=run,
     )

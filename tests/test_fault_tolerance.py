@@ -1,6 +1,5 @@
-"""A run killed with SIGKILL, or preempted with SIGTERM/SIGUSR1, resumes to the weights and metrics of an
-uninterrupted run; ``last.ckpt`` is never left half-written; a NaN loss stops the run (or skips the step) and keeps
-the last good checkpoint."""
+"""A run killed with SIGKILL resumes to the weights and metrics of an uninterrupted run; ``last.ckpt`` is never
+left half-written; a NaN loss stops the run and keeps the last good checkpoint."""
 
 from __future__ import annotations
 
@@ -13,13 +12,12 @@ import torch
 
 from datamodules.classification import ClassificationDataModule
 from datamodules.sampling import SeededSamples
-from engine.cli import PREEMPTED_EXIT_CODE, run_cli
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from engine.cli import run_cli
 from tasks.module import NonFiniteLossError
 from engine.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from tasks.classification import ClassificationModule, main
 
-from cli_runs import TINY_VIT, read_metrics, run_task, write_shapes
+from cli_runs import TINY_VIT, finish, read_metrics, run_task, write_shapes
 
 
 @pytest.fixture(scope="module")
@@ -39,56 +37,23 @@ def fit_args(root: Path, out: Path) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(shapes: Path, tmp_path_factory: pytest.TempPathFactory, synthetic_cache: str) -> Path:
-    """The run the interrupted ones must reproduce, through the CLI."""
-    full = tmp_path_factory.mktemp("full")
-    run_task("classification", fit_args(shapes, full), cache=synthetic_cache)
-    return full
-
-
-def assert_same_run(full: Path, resumed: Path) -> None:
-    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 9
-    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    rows = read_metrics(resumed)  # epochs 1 and 2, including the training metrics of the interrupted epoch
-    assert rows == read_metrics(full)[-len(rows):] and len(rows) == 4
-
-
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights_and_metrics(
-    shapes: Path, uninterrupted: Path, tmp_path: Path, synthetic_cache: str
-) -> None:
-    broken = tmp_path / "broken"
+def test_killed_run_resumes_to_the_same_weights_and_metrics(shapes: Path, tmp_path: Path, synthetic_cache: str) -> None:
+    full, broken = tmp_path / "full", tmp_path / "broken"
     kill = ["--trainer.callbacks+=tests.fault_injection.KillAtStep", "--trainer.callbacks.step=5"]
-    run_task("classification", [*fit_args(shapes, broken), *kill], cache=synthetic_cache, expect_rc=-9)
+    uninterrupted = run_task("classification", fit_args(shapes, full), cache=synthetic_cache, wait=False)
+    finish(run_task("classification", [*fit_args(shapes, broken), *kill], cache=synthetic_cache, wait=False), expect_rc=-9)
     saved = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)
     assert (saved["global_step"], saved["epoch"]) == (4, 1)  # mid-epoch: 1 of the epoch's 3 batches done
     run_task("classification", [*fit_args(shapes, broken), "--ckpt_path=last"], cache=synthetic_cache)
-    assert_same_run(uninterrupted, broken)
+    finish(uninterrupted)
 
-
-@pytest.mark.slow
-def test_sigterm_saves_at_the_step_and_exits_to_be_requeued_then_resumes_exactly(
-    shapes: Path, uninterrupted: Path, tmp_path: Path, synthetic_cache: str
-) -> None:
-    preempted = tmp_path / "preempted"
-    term = ["--trainer.callbacks+=tests.fault_injection.SignalAtStep", "--trainer.callbacks.step=5"]
-    run = run_task("classification", [*fit_args(shapes, preempted), *term], cache=synthetic_cache, expect_rc=PREEMPTED_EXIT_CODE)
-    assert "resume with --ckpt_path last" in run.stdout
-    saved = torch.load(preempted / "checkpoints" / "last.ckpt", weights_only=True)
-    assert (saved["global_step"], saved["epoch"]) == (5, 1)  # step 5 itself, 2 of the epoch's 3 batches
-    run_task("classification", [*fit_args(shapes, preempted), "--ckpt_path=last"], cache=synthetic_cache)
-    assert_same_run(uninterrupted, preempted)
-
-
-def test_sigusr1_without_a_scheduler_handler_stops_like_sigterm(shapes: Path, tmp_path: Path) -> None:
-    usr1 = ["--trainer.callbacks+=tests.fault_injection.SignalAtStep", "--trainer.callbacks.step=2",
-            "--trainer.callbacks.signum=SIGUSR1"]
-    with pytest.raises(SIGTERMException):
-        main([*fit_args(shapes, tmp_path), *usr1])
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 9
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    resumed = read_metrics(broken)  # epochs 1 and 2, including the training metrics of the interrupted epoch
+    assert resumed == read_metrics(full)[-len(resumed):] and len(resumed) == 4
 
 
 def test_each_sample_is_augmented_from_its_own_seed(shapes: Path) -> None:
