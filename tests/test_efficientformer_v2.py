@@ -1,4 +1,5 @@
-"""EfficientFormerV2: timm's and the release's checkpoints give timm's logits, any input size, the fused form."""
+"""EfficientFormerV2: timm's checkpoints give timm's logits (the release's: test_release_formats), any input size,
+the fused form."""
 
 from __future__ import annotations
 
@@ -86,71 +87,6 @@ def test_default_size_pooled_features_equal_timms_pre_logits(tmp_path: Path) -> 
         expected = reference.forward_head(reference.forward_features(x), pre_logits=True)
         assert torch.allclose(ours.forward_pooled(x), expected, atol=1e-4)
         assert torch.allclose(ours(x)[-1].mean((2, 3)), expected, atol=1e-4)  # the last map is normed too
-
-
-def release_state_dict(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same tensors under the release's names (models/efficientformer_v2.py, ``EfficientFormerV2``): stem
-    ``patch_embed.{0,1,3,4}``; ``network.{0,2,4,6}`` the stages' blocks, ``network.{1,3,5}`` the ``Embedding``
-    downsamplings (``proj``/``norm``, or ``conv``/``bn``/``attn`` for the attention one); conv + BN pairs as
-    ``Sequential`` indices; ``Mlp`` norms ``norm1``/``mid_norm``/``norm2``; layer scales ``[C, 1, 1]``;
-    ``attention_bias_idxs`` buffers; ``dist_head``."""
-    stem = {"conv1.conv": "0", "conv1.bn": "1", "conv2.conv": "3", "conv2.bn": "4"}
-    mlp = {"fc1.conv": "fc1", "fc1.bn": "norm1", "mid.conv": "mid", "mid.bn": "mid_norm", "fc2.conv": "fc2", "fc2.bn": "norm2"}
-    attn = {"q.local": "q.local.0", "q.proj.conv": "q.proj.0", "q.proj.bn": "q.proj.1", "proj.conv": "proj.1",
-            "proj.bn": "proj.2", **{f"{m}.{n}": f"{m}.{i}" for m in ("q", "k", "v", "v_local", "stride_conv")
-                                    for n, i in (("conv", "0"), ("bn", "1"))}}
-
-    def rename(name: str, table: dict[str, str]) -> str:
-        for ours in sorted(table, key=len, reverse=True):
-            if name.startswith(ours + "."):
-                return table[ours] + name[len(ours):]
-        return name
-
-    out = {}
-    for key, value in timm_state.items():
-        parts = key.split(".")
-        if parts[0] == "stem":
-            out["patch_embed." + rename(key.removeprefix("stem."), stem)] = value
-        elif parts[0] == "stages" and parts[2] == "blocks":
-            prefix, rest = f"network.{2 * int(parts[1])}.{parts[3]}.", ".".join(parts[4:])
-            if rest.startswith("mlp."):
-                out[prefix + "mlp." + rename(rest.removeprefix("mlp."), mlp)] = value
-            elif rest.startswith("token_mixer."):
-                out[prefix + "token_mixer." + rename(rest.removeprefix("token_mixer."), attn)] = value
-                if rest.endswith("attention_biases"):
-                    n = value.shape[1]
-                    out[prefix + "token_mixer.attention_bias_idxs"] = torch.zeros(n, n, dtype=torch.long)
-            else:  # ls1.gamma / ls2.gamma
-                out[prefix + f"layer_scale_{rest[2]}"] = value.reshape(-1, 1, 1)
-        elif parts[0] == "stages":  # stages.{i}.downsample.*
-            prefix, rest = f"network.{2 * int(parts[1]) - 1}.", ".".join(parts[3:])
-            asub = f"stages.{parts[1]}.downsample.attn.attention_biases" in timm_state
-            if rest.startswith("conv."):
-                names = ("conv", "bn") if asub else ("proj", "norm")
-                out[prefix + rest.replace("conv.conv.", names[0] + ".").replace("conv.bn.", names[1] + ".")] = value
-            else:
-                out[prefix + "attn." + rename(rest.removeprefix("attn."), attn)] = value
-        elif parts[0] == "head_dist":
-            out["dist_head." + parts[1]] = value
-        else:  # norm.*, head.*
-            out[key] = value
-    return out
-
-
-def test_release_checkpoint_loads_with_its_distillation_head(tmp_path: Path) -> None:
-    reference = timm_model("efficientformerv2_s0", img_size=128)
-    release = release_state_dict(reference.state_dict())
-    assert "network.5.attn.q.local.0.weight" in release and "network.4.5.token_mixer.stride_conv.1.running_var" in release
-    torch.save({"model": release}, tmp_path / "eformer_s0_450.pth")
-    module = ClassificationModule(
-        backbone="efficientformerv2_s0", backbone_kwargs={"img_size": 128}, num_classes=10,
-        pretrained=str(tmp_path / "eformer_s0_450.pth"),
-    ).eval()
-    report = load_pretrained(module, tmp_path / "eformer_s0_450.pth")
-    assert report.format == "efficientformerv2-release" and not report.missing and not report.unexpected
-    x = torch.randn(2, 3, 128, 128)
-    with torch.no_grad():
-        assert (module(x) - reference(x)).abs().max() <= 1e-4 * max(1.0, reference(x).abs().max().item())
 
 
 def test_bias_tables_of_another_grid_are_resampled_on_load(tmp_path: Path) -> None:

@@ -172,3 +172,38 @@ def test_dynamicvit_manifest_matches_the_preset(release: str) -> None:
         backbone = DynamicViT.from_vit(vit, keep_ratio=0.7, prune_at=manifest["pruning_loc"])
         head = classification_head(backbone, manifest["num_classes"], "cls")
     assert_same_layout(convert_dynamicvit_release(state), our_layout(backbone, head))
+
+
+# --- EfficientFormerV2 .pth (snap-research/EfficientFormer, models/efficientformer_v2.py) ----------------------
+
+EFFICIENTFORMER = DATA / "efficientformer_v2"
+
+
+def test_efficientformer_v2_pth_gives_the_release_logits() -> None:
+    from tasks.classification import ClassificationModule
+
+    ours = ClassificationModule(
+        backbone="efficientformerv2_s0", num_classes=5, pool="native", pretrained=str(EFFICIENTFORMER / "tiny.pth"),
+        backbone_kwargs={"embed_dims": (8, 16, 24, 32), "depths": (1, 1, 2, 2), "attention_blocks": 1,
+                         "mlp_ratios": (2, 2, (2, 3), (3, 2)), "img_size": 64},
+    ).eval()
+    report = ours.load_report
+    assert report.format == "efficientformerv2-release" and not report.missing and not report.unexpected
+    with torch.no_grad():
+        logits = ours(torch.from_numpy(np.load(EFFICIENTFORMER / "input.npy")))
+    expected = torch.from_numpy(np.load(EFFICIENTFORMER / "tiny_logits.npy"))  # logits up to 270: relative too
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("release", json.loads((EFFICIENTFORMER / "manifests.json").read_text()))
+def test_efficientformer_v2_manifest_matches_the_preset(release: str) -> None:
+    from backbones.formats.efficientformer_v2 import convert_efficientformerv2_release
+    from heads.classification import classification_head
+
+    manifest = json.loads((EFFICIENTFORMER / "manifests.json").read_text())[release]
+    state = meta_state(manifest["keys"])
+    assert detect_format(state).name == "efficientformerv2-release"
+    with torch.device("meta"):
+        backbone = create_backbone(release)
+        head = classification_head(backbone, manifest["num_classes"], "native")
+    assert_same_layout(convert_efficientformerv2_release(state), our_layout(backbone, head))
