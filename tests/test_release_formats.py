@@ -207,3 +207,42 @@ def test_efficientformer_v2_manifest_matches_the_preset(release: str) -> None:
         backbone = create_backbone(release)
         head = classification_head(backbone, manifest["num_classes"], "native")
     assert_same_layout(convert_efficientformerv2_release(state), our_layout(backbone, head))
+
+
+# --- ViT-ResNAS .pth.tar (yilunliao/vit-search, nets/vit_sr_supernet.py FlexibleDistillVisionTransformerSR) --------
+
+VIT_RESNAS = DATA / "vit_resnas"
+PATCH_HEAD = ["patch_head.bias", "patch_head.weight"]  # token labelling's per-patch classifier: no counterpart
+
+
+def test_vit_resnas_checkpoint_gives_the_release_logits() -> None:
+    from tasks.classification import ClassificationModule
+
+    ours = ClassificationModule(
+        backbone="vit_resnas", num_classes=5, pretrained=str(VIT_RESNAS / "tiny_checkpoint.pth.tar"),
+        backbone_kwargs={"img_size": 112, "embed_dims": (16, 24, 32), "head_dims": (8, 8, 16),
+                         "num_heads": ((2,), (3,), (2,)), "mlp_hidden_dims": ((32,), (40,), (48,))},
+    ).eval()
+    report = ours.load_report
+    assert report.format == "vit-resnas-release" and not report.missing
+    assert sorted(report.unexpected) == [f"{k} (no head key map for format vit-resnas-release)" for k in PATCH_HEAD]
+    with torch.no_grad():
+        logits = ours(torch.from_numpy(np.load(VIT_RESNAS / "input.npy")))
+    torch.testing.assert_close(logits, torch.from_numpy(np.load(VIT_RESNAS / "tiny_logits.npy")), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", json.loads((VIT_RESNAS / "manifests.json").read_text()))
+def test_vit_resnas_manifest_matches_the_preset(preset: str) -> None:
+    from backbones.formats.vit_resnas import convert_vit_resnas_release
+    from heads.classification import classification_head
+
+    manifest = json.loads((VIT_RESNAS / "manifests.json").read_text())[preset]
+    state = meta_state(manifest["keys"])
+    assert detect_format(state).name == "vit-resnas-release"
+    with torch.device("meta"):
+        backbone = create_backbone(preset, img_size=manifest["img_size"])
+        head = classification_head(backbone, manifest["num_classes"], "cls")
+    converted = convert_vit_resnas_release(state)
+    assert sorted(k for k in converted if k.startswith("foreign.")) == [f"foreign.{k}" for k in PATCH_HEAD]
+    converted = {k: v for k, v in converted.items() if not k.startswith("foreign.")}
+    assert_same_layout(converted, our_layout(backbone, head))

@@ -1,8 +1,8 @@
-"""ViT-ResNAS: the searched architectures, residual spatial reduction, release checkpoints, a task run."""
+"""ViT-ResNAS: the searched architectures, residual spatial reduction, release checkpoints (their layout and
+outputs: test_release_formats), a task run."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
@@ -17,20 +17,6 @@ from backbones.vit_resnas import ViTResNAS
 from backbones.weights import load_pretrained
 from tasks.classification import main
 
-# ``--network-def`` of the release's scripts/vit-sr-nas/searched_net/tiny.sh: (4, C) the conv stem,
-# (1, (C, heads, head_dim), (C, mlp_hidden), 1) a block, (3, C_in, C_out) a spatial reduction, (2, C, classes).
-TINY_NETWORK_DEF = (
-    "((4, 176), (1, (176, 3, 32), (176, 704), 1), (1, (176, 3, 32), (176, 576), 1), (1, (176, 3, 32), (176, 640), 1), "
-    "(1, (176, 4, 32), (176, 576), 1), (1, (176, 4, 32), (176, 704), 1), (3, 176, 352), "
-    "(1, (352, 10, 48), (352, 1408), 1), (1, (352, 8, 48), (352, 1408), 1), (1, (352, 8, 48), (352, 1280), 1), "
-    "(1, (352, 8, 48), (352, 1408), 1), (1, (352, 10, 48), (352, 1280), 1), (1, (352, 10, 48), (352, 1024), 1), "
-    "(3, 352, 704), (1, (704, 10, 64), (704, 2560), 1), (1, (704, 10, 64), (704, 1792), 1), "
-    "(1, (704, 10, 64), (704, 2816), 1), (1, (704, 8, 64), (704, 2816), 1), (1, (704, 8, 64), (704, 2560), 1), "
-    "(2, 704, 1000))"
-)
-MINI_NETWORK_DEF = (
-    "((4, 16), (1, (16, 2, 8), (16, 32), 1), (3, 16, 24), (1, (24, 3, 8), (24, 40), 1), (3, 24, 32), (2, 32, 10))"
-)
 MINI = {
     "embed_dims": (16, 24, 32), "num_heads": ((2,), (3,), ()), "head_dims": (8, 8, 8),
     "mlp_hidden_dims": ((32,), (40,), ()),
@@ -41,44 +27,6 @@ MINI = {
 RELEASE_PARAMS = {"vit_resnas_tiny": 40_793_552, "vit_resnas_small": 63_724_108, "vit_resnas_medium": 96_442_672}
 RELEASE_MACS = {"vit_resnas_tiny": 1_782_630_272, "vit_resnas_small": 2_845_501_856, "vit_resnas_medium": 4_513_135_936}
 STEM_3X3_PARAMS = 3 * 24 * 9 + 2 * 24 * 24 * 9 + 3 * 2 * 24  # what the issue's 40.78M / 63.71M / 96.43M leave out
-
-
-def release_state_dict(network_def: str, img_size: int = 224, mid_chans: int = 24) -> dict[str, torch.Tensor]:
-    """Random tensors under the names and shapes the release's ``FlexibleDistillVisionTransformerSR``
-    (``flexible_vit_sr_patch14_224_patch_output``) has for ``network_def``."""
-    layers = ast.literal_eval(network_def)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for i, (cin, cout) in enumerate(((3, mid_chans), (mid_chans, mid_chans), (mid_chans, mid_chans)), start=1):
-        shapes[f"patch_embed.conv{i}.conv.weight"] = (cout, cin, 3, 3)
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"patch_embed.conv{i}.bn.{name}"] = (cout,)
-    width, grid = layers[0][1], img_size // 14
-    shapes |= {"patch_embed.conv_proj.weight": (width, mid_chans, 7, 7), "patch_embed.conv_proj.bias": (width,)}
-    shapes |= {"tokens": (1, 1, width), "pos_embed": (1, 1 + grid * grid, width)}
-    for i, layer in enumerate(layers[1:-1]):
-        p = f"blocks.{i}."
-        if layer[0] == 1:
-            _, (dim, heads, head_dim), (_, hidden), _ = layer
-            attn = heads * head_dim
-            shapes |= {p + f"{norm}.{w}": (dim,) for norm in ("norm1", "norm2") for w in ("weight", "bias")}
-            shapes |= {p + "attn.qkv.weight": (3 * attn, dim), p + "attn.qkv.bias": (3 * attn,)}
-            shapes |= {p + "attn.proj.weight": (dim, attn), p + "attn.proj.bias": (dim,)}
-            shapes |= {p + "mlp.fc1.weight": (hidden, dim), p + "mlp.fc1.bias": (hidden,)}
-            shapes |= {p + "mlp.fc2.weight": (dim, hidden), p + "mlp.fc2.bias": (dim,)}
-        else:
-            _, cin, width = layer
-            grid //= 2
-            shapes |= {p + "norm.weight": (cin,), p + "norm.bias": (cin,), p + "pos_embed": (1, grid * grid, width)}
-            shapes |= {p + "patch_reduce.weight": (width, cin, 3, 3), p + "patch_reduce.bias": (width,)}
-            shapes |= {p + "token_transform.weight": (width, cin), p + "token_transform.bias": (width,)}
-    classes = layers[-1][2]
-    shapes |= {"norm.weight": (width,), "norm.bias": (width,)}
-    for head in ("cls_head", "patch_head"):
-        shapes |= {f"{head}.weight": (classes, width), f"{head}.bias": (classes,)}
-    state = {k: torch.randn(s) for k, s in shapes.items()}
-    for i in (1, 2, 3):
-        state[f"patch_embed.conv{i}.bn.num_batches_tracked"] = torch.tensor(7)
-    return state
 
 
 @pytest.mark.slow
@@ -150,45 +98,25 @@ def test_residual_spatial_reduction_pools_pads_and_projects() -> None:
         assert torch.allclose(y2[:, :1], y[:, :1] + 1.0)  # the class token's linear path is added to the skip
 
 
-@pytest.mark.slow
-def test_release_checkpoint_loads_with_nothing_missing_or_unexpected(tmp_path: Path) -> None:
-    state = release_state_dict(TINY_NETWORK_DEF)
-    path = tmp_path / "epoch@299_checkpoint.pth.tar"
-    torch.save({"model": state, "epoch": 299}, path)
-    model = create_backbone("vit_resnas_tiny")
-    report = load_pretrained(model, path)
-    assert report.format == "vit-resnas-release" and not report.missing and not report.unexpected
-    assert sorted(report.skipped) == ["head.fc.bias", "head.fc.weight"] + [
-        f"patch_head.{p} (no head key map for format vit-resnas-release)" for p in ("bias", "weight")
-    ]
-    ours = model.state_dict()
-    for release, name in [
-        ("tokens", "cls_token"), ("patch_embed.conv_proj.weight", "patch_embed.proj.weight"),
-        ("patch_embed.conv2.bn.running_var", "patch_embed.conv2.bn.running_var"),
-        ("blocks.4.attn.qkv.weight", "stages.0.blocks.4.attn.qkv.weight"),
-        ("blocks.5.patch_reduce.weight", "stages.1.reduce.conv.weight"),
-        ("blocks.12.token_transform.bias", "stages.2.reduce.token_proj.bias"),
-        ("blocks.12.pos_embed", "stages.2.reduce.pos_embed"),
-        ("blocks.13.norm1.weight", "stages.2.blocks.0.norm1.weight"),
-        ("blocks.17.mlp.fc2.weight", "stages.2.blocks.4.mlp.fc2.weight"), ("norm.bias", "norm.bias"),
-    ]:
-        assert torch.equal(ours[name], state[release]), (release, name)
+RELEASE_FILE = Path(__file__).parent / "data/releases/vit_resnas/tiny_checkpoint.pth.tar"  # the release's own code wrote it
+RELEASE_TINY = {"embed_dims": (16, 24, 32), "head_dims": (8, 8, 16), "num_heads": ((2,), (3,), (2,)),
+                "mlp_hidden_dims": ((32,), (40,), (48,))}
 
 
 def test_release_checkpoint_from_another_resolution_is_resampled(tmp_path: Path) -> None:
-    path = tmp_path / "finetuned_280.pth"
-    torch.save(release_state_dict(MINI_NETWORK_DEF, img_size=280), path)
-    model = ViTResNAS(img_size=224, **MINI)
-    report = load_pretrained(model, path)
+    """The release's file (made at 112²) into a model at 168²: the three position embeddings are resampled; a
+    distillation model's two prefix tokens are refused, naming them."""
+    model = ViTResNAS(img_size=168, **RELEASE_TINY)
+    report = load_pretrained(model, RELEASE_FILE)
     assert sorted(report.adapted) == [
         "backbone.pos_embed", "backbone.stages.1.reduce.pos_embed", "backbone.stages.2.reduce.pos_embed"
     ]
     assert not report.missing and not report.unexpected
+    state = torch.load(RELEASE_FILE, weights_only=True)["model"]
+    state["tokens"] = torch.zeros(1, 2, 16)
+    torch.save({"model": state}, tmp_path / "distilled.pth")
     with pytest.raises(ValueError, match="distillation"):
-        state = release_state_dict(MINI_NETWORK_DEF)
-        state["tokens"] = torch.zeros(1, 2, 16)
-        torch.save(state, path)
-        load_pretrained(model, path)
+        load_pretrained(model, tmp_path / "distilled.pth")
 
 
 @pytest.mark.slow

@@ -1,0 +1,86 @@
+"""Write tests/data/releases/vit_resnas/ with yilunliao/vit-search's own code (not run by CI).
+
+    git clone https://github.com/yilunliao/vit-search /tmp/src/vit-search
+    python tools/release_fixtures/vit_resnas.py --repo /tmp/src/vit-search     # the installed torch and timm
+
+A tiny ``nets/vit_sr_supernet.py`` ``FlexibleDistillVisionTransformerSR`` (as ``flexible_vit_sr_patch14_224_patch_output``
+builds it: no distillation token, the token-labelling ``patch_head``; random initialisation after
+``torch.manual_seed(0)``, every parameter and BatchNorm statistic then perturbed) is saved as the release's
+``main.py`` saves checkpoints, the state dict under ``model``, with its eval-mode logits for a fixed input; for the
+searched networks of ``scripts/vit-sr-nas/searched_net/`` (tiny, small, medium: their ``--network-def``, read from the
+scripts) a manifest of every key and shape of the state dict at 224².
+
+``SpatialReductionPatchEmbedding.__init__`` calls ``.cuda()`` on a zero tensor (a plain attribute, not saved): while
+the networks are built ``torch.Tensor.cuda`` returns the tensor itself, so they build on a machine without a GPU.
+Nothing else is changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+OUT = Path(__file__).resolve().parents[2] / "tests/data/releases/vit_resnas"
+# (4, C): the conv stem; (1, (C, heads, head_dim), (C, mlp_hidden), 1): a block; (3, C_in, C_out): a spatial
+# reduction; (2, C, classes): the classifier
+TINY_DEF = (
+    "((4, 16), (1, (16, 2, 8), (16, 32), 1), (3, 16, 24), (1, (24, 3, 8), (24, 40), 1), (3, 24, 32), "
+    "(1, (32, 2, 16), (32, 48), 1), (2, 32, 5))"
+)
+SEARCHED = {  # our preset -> the release's script
+    "vit_resnas_tiny": "tiny.sh", "vit_resnas_small": "small_mac@2.9G.sh", "vit_resnas_medium": "medium_mac@4.6G.sh",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repo", type=Path, required=True, help="a checkout of yilunliao/vit-search")
+    args = parser.parse_args()
+    sys.path.insert(0, str(args.repo))
+    from nets.vit_sr_supernet import flexible_vit_sr_patch14_224_patch_output
+
+    cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self  # SpatialReductionPatchEmbedding's zero pad, on the CPU
+    try:
+        OUT.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        model = flexible_vit_sr_patch14_224_patch_output(
+            img_size=112, num_classes=5, network_def=ast.literal_eval(TINY_DEF)
+        )
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+            for name, b in model.named_buffers():
+                if name.endswith("running_mean"):
+                    b.add_(torch.randn_like(b) * 0.2)
+                elif name.endswith("running_var"):
+                    b.mul_(torch.rand_like(b) + 0.5)
+        model.eval()
+        image = torch.randn(2, 3, 112, 112)
+        with torch.no_grad():
+            logits = model(image)
+        np.save(OUT / "input.npy", image.numpy())
+        np.save(OUT / "tiny_logits.npy", logits.numpy())
+        torch.save({"model": model.state_dict(), "epoch": 299}, OUT / "tiny_checkpoint.pth.tar")
+        print("tiny_checkpoint.pth.tar", len(model.state_dict()), "tensors")
+        manifests = {}
+        for ours, script in SEARCHED.items():
+            text = (args.repo / "scripts/vit-sr-nas/searched_net" / script).read_text()
+            network_def = re.search(r"--network-def '([^']+)'", text)[1]
+            full = flexible_vit_sr_patch14_224_patch_output(network_def=ast.literal_eval(network_def))
+            manifests[ours] = {"script": f"scripts/vit-sr-nas/searched_net/{script}", "img_size": 224,
+                               "num_classes": 1000, "keys": {k: list(v.shape) for k, v in full.state_dict().items()}}
+        (OUT / "manifests.json").write_text(json.dumps(manifests, indent=0) + "\n")
+    finally:
+        torch.Tensor.cuda = cuda
+
+
+if __name__ == "__main__":
+    main()
