@@ -44,6 +44,11 @@ class CheckpointError(InputError):
     """A checkpoint file that cannot serve where it was given (unreadable, or of another kind)."""
 
 
+class DiskFullError(InputError):
+    """A write (a checkpoint, a prediction) that found no space left in its folder; the file it was to replace is
+    untouched and no part of the new one is left behind."""
+
+
 def listing_error(
     what: str, problems: Sequence[str], *, limit: int = 20, error: type[InputError] = DataError
 ) -> InputError:

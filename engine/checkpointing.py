@@ -21,7 +21,8 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from datamodules.errors import CheckpointError
 from datamodules.io import atomic_write
@@ -50,12 +51,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
         folder = os.path.dirname(os.path.abspath(path))
         remove_stale_temporaries(path)
-        atomic_write(path, write)
+        atomic_write(path, write, size_hint=tensor_bytes(checkpoint))  # out of space: a DiskFullError, no partial file
         fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in ``obj`` (nested dicts, lists, tuples): about the size torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def remove_stale_temporaries(path: str | Path) -> list[Path]:
@@ -105,6 +117,14 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """On SIGTERM (or SIGUSR1, ``run_state.Preemption``) Lightning's loop stops at the end of a training step
+        with ``SIGTERMException``: save ``last.ckpt`` there, so ``--ckpt_path last`` resumes the run exactly. Other
+        exceptions (a NaN loss, a crash) save nothing: the last checkpoint written stays the newest."""
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            rank_zero_info(f"preempted at global step {trainer.global_step}: saved {self.last_model_path}")
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6, and numpy's .npz

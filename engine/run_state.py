@@ -10,12 +10,15 @@ hand-built ``Trainer`` get them alike:
   runs the same sub-network and a resumed run draws what the uninterrupted run drew;
 - ``MidEpochResume``: the epoch's training accumulators (loss and metrics) go into each mid-epoch checkpoint,
   and a fit resumed from one makes the training loader skip the batches already trained on and puts the
-  accumulators back.
+  accumulators back;
+- ``Preemption``: SIGUSR1 acted on at the next step boundary (SIGTERM is Lightning's; ``LastCheckpoint`` saves).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from typing import Any
 
 import lightning as L
@@ -103,8 +106,39 @@ class MidEpochResume(L.Callback):
         self._states = checkpoint.get("train_metric_states")
 
 
+class Preemption(L.Callback):
+    """Act on SIGUSR1, which SLURM sends ahead of a time limit (``#SBATCH --signal=USR1@120``), at the next step
+    boundary rather than mid-step: the handler already installed (Lightning's SLURM auto-requeue, which saves an
+    ``hpc_ckpt_<n>.ckpt`` and requeues the job) then runs between steps, so its checkpoint holds whole steps; without
+    one (SIGUSR1 would kill the process) the signal is taken as SIGTERM. SIGTERM itself is Lightning's: the loop
+    stops at the end of the step (``SIGTERMException``), ``LastCheckpoint`` saves ``last.ckpt`` there and the CLI
+    exits with a requeue status (``engine.cli.PREEMPTED_EXIT_CODE``)."""
+
+    def __init__(self) -> None:
+        self._pending: int | None = None
+        self._previous: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning registered its handlers (Trainer._run), which it puts back when the run ends
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+            self._previous = signal.getsignal(signal.SIGUSR1)
+            signal.signal(signal.SIGUSR1, self._defer)
+
+    def _defer(self, signum: int, frame: Any) -> None:
+        self._pending = signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        signum, self._pending = self._pending, None
+        if signum is None:
+            return
+        if callable(self._previous):
+            self._previous(signum, None)
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: the loop stops at the end of this step
+
+
 def run_state_callbacks() -> list[L.Callback]:
-    return [StepSeeding(), DynamicChoices(), MidEpochResume()]
+    return [StepSeeding(), DynamicChoices(), MidEpochResume(), Preemption()]
 
 
 def global_metric_states(metrics: dict[str, Metric]) -> dict[str, dict[str, Any]]:

@@ -30,3 +30,15 @@ class NanInputAtStep(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             batch["input"].fill_(float("nan"))
+
+
+class SignalAtStep(L.Callback):
+    """Send this process ``signum`` (a name: ``SIGTERM``, ``SIGUSR1``) right after optimizer step ``step``, as a
+    scheduler preempting the job would."""
+
+    def __init__(self, step: int, signum: str = "SIGTERM") -> None:
+        self.step, self.signum = step, getattr(signal, signum)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

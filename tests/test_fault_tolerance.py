@@ -1,23 +1,29 @@
-"""A run killed with SIGKILL resumes to the weights and metrics of an uninterrupted run; ``last.ckpt`` is never
-left half-written; a NaN loss stops the run and keeps the last good checkpoint."""
+"""A run killed with SIGKILL, or preempted with SIGTERM/SIGUSR1, resumes to the weights and metrics of an
+uninterrupted run; ``last.ckpt`` is never left half-written; a NaN loss stops the run (or skips the step) and keeps
+the last good checkpoint."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from datamodules.classification import ClassificationDataModule
+from datamodules.errors import DiskFullError
 from datamodules.sampling import SeededSamples
-from engine.cli import run_cli
+from engine.cli import PREEMPTED_EXIT_CODE, run_cli
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tasks.module import NonFiniteLossError
 from engine.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from tasks.classification import ClassificationModule, main
 
-from cli_runs import TINY_VIT, finish, read_metrics, run_task, write_shapes
+from cli_runs import TINY_VIT, read_metrics, run_task, write_shapes
 
 
 @pytest.fixture(scope="module")
@@ -37,23 +43,56 @@ def fit_args(root: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(shapes: Path, tmp_path_factory: pytest.TempPathFactory, synthetic_cache: str) -> Path:
+    """The run the interrupted ones must reproduce, through the CLI."""
+    full = tmp_path_factory.mktemp("full")
+    run_task("classification", fit_args(shapes, full), cache=synthetic_cache)
+    return full
+
+
+def assert_same_run(full: Path, resumed: Path) -> None:
+    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 9
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    rows = read_metrics(resumed)  # epochs 1 and 2, including the training metrics of the interrupted epoch
+    assert rows == read_metrics(full)[-len(rows):] and len(rows) == 4
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights_and_metrics(shapes: Path, tmp_path: Path, synthetic_cache: str) -> None:
-    full, broken = tmp_path / "full", tmp_path / "broken"
+def test_killed_run_resumes_to_the_same_weights_and_metrics(
+    shapes: Path, uninterrupted: Path, tmp_path: Path, synthetic_cache: str
+) -> None:
+    broken = tmp_path / "broken"
     kill = ["--trainer.callbacks+=tests.fault_injection.KillAtStep", "--trainer.callbacks.step=5"]
-    uninterrupted = run_task("classification", fit_args(shapes, full), cache=synthetic_cache, wait=False)
-    finish(run_task("classification", [*fit_args(shapes, broken), *kill], cache=synthetic_cache, wait=False), expect_rc=-9)
+    run_task("classification", [*fit_args(shapes, broken), *kill], cache=synthetic_cache, expect_rc=-9)
     saved = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)
     assert (saved["global_step"], saved["epoch"]) == (4, 1)  # mid-epoch: 1 of the epoch's 3 batches done
     run_task("classification", [*fit_args(shapes, broken), "--ckpt_path=last"], cache=synthetic_cache)
-    finish(uninterrupted)
+    assert_same_run(uninterrupted, broken)
 
-    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 9
-    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    resumed = read_metrics(broken)  # epochs 1 and 2, including the training metrics of the interrupted epoch
-    assert resumed == read_metrics(full)[-len(resumed):] and len(resumed) == 4
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_and_exits_to_be_requeued_then_resumes_exactly(
+    shapes: Path, uninterrupted: Path, tmp_path: Path, synthetic_cache: str
+) -> None:
+    preempted = tmp_path / "preempted"
+    term = ["--trainer.callbacks+=tests.fault_injection.SignalAtStep", "--trainer.callbacks.step=5"]
+    run = run_task("classification", [*fit_args(shapes, preempted), *term], cache=synthetic_cache, expect_rc=PREEMPTED_EXIT_CODE)
+    assert "resume with --ckpt_path last" in run.stdout
+    saved = torch.load(preempted / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (saved["global_step"], saved["epoch"]) == (5, 1)  # step 5 itself, 2 of the epoch's 3 batches
+    run_task("classification", [*fit_args(shapes, preempted), "--ckpt_path=last"], cache=synthetic_cache)
+    assert_same_run(uninterrupted, preempted)
+
+
+def test_sigusr1_without_a_scheduler_handler_stops_like_sigterm(shapes: Path, tmp_path: Path) -> None:
+    usr1 = ["--trainer.callbacks+=tests.fault_injection.SignalAtStep", "--trainer.callbacks.step=2",
+            "--trainer.callbacks.signum=SIGUSR1"]
+    with pytest.raises(SIGTERMException):
+        main([*fit_args(shapes, tmp_path), *usr1])
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
 def test_each_sample_is_augmented_from_its_own_seed(shapes: Path) -> None:
@@ -116,3 +155,60 @@ def test_cli_keeps_last_checkpoint_where_ckpt_path_last_finds_it(tmp_path: Path)
     assert last.dirpath == str(tmp_path / "checkpoints") and isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     cli = run_cli(ClassificationModule, ClassificationDataModule, args=[*args, "--trainer.enable_checkpointing=false"], run=False)
     assert not any(isinstance(c, LastCheckpoint) for c in cli.trainer.callbacks)
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path | None]]:
+    """``small_disk("512k")``: a folder on a real tmpfs of that size where this process may mount one (root), else
+    ``None``; unmounted after the test."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path | None:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+        if os.geteuid() != 0 or subprocess.run(command, capture_output=True, check=False).returncode != 0:
+            return None
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_folder(
+    small_disk: Callable[[str], Path | None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = small_disk("512k")
+    folder = disk or tmp_path / "plain"
+    io, path = AtomicCheckpointIO(), folder / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+    if disk is None:  # no tmpfs here: a write that fails as torch.save does on a full disk
+        real_save = torch.save
+
+        def disk_full(obj: object, f: object) -> None:
+            real_save({"partial": torch.zeros(10)}, f)
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as err:
+                raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos") from err
+
+        monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(DiskFullError, match=rf"^{folder}: no space left on the device to write last\.ckpt: it needs about "
+                       r"1\.0 MiB \(1048576 bytes\), .* free"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(2**18)}, path)
+    assert os.listdir(folder) == ["last.ckpt"] and io.load_checkpoint(path)["step"] == 1
+
+
+def test_a_run_whose_checkpoint_disk_fills_stops_with_the_last_one_intact(
+    small_disk: Callable[[str], Path | None], shapes: Path, tmp_path: Path
+) -> None:
+    disk = small_disk("1200k")  # a checkpoint of this model (with AdamW's state) is about 780 KiB: one fits, not two
+    if disk is None:
+        pytest.skip("needs a small tmpfs (root); the write itself is tested with a patched torch.save")
+    with pytest.raises(DiskFullError) as err:
+        main([*fit_args(shapes, tmp_path), f"--checkpoint.dirpath={disk}"])
+    assert err.value.one_line().startswith(f"{disk}: no space left on the device to write last.ckpt: it needs about")
+    assert os.listdir(disk) == ["last.ckpt"]
+    assert torch.load(disk / "last.ckpt", weights_only=True)["global_step"] == 2  # the first save, whole
