@@ -16,5 +16,6 @@ from . import vit_resnas_supernet  # noqa: E402,F401  (ViT-ResNAS super-networks
 from . import efficientformer_v2_supernet  # noqa: E402,F401  (EfficientFormerV2 super-networks)
 from . import token_pruning  # noqa: E402,F401  (registers the dynamicvit token reduction)
 from .formats import dynamicvit  # noqa: E402,F401  (the DynamicViT release's checkpoint format)
+from . import token_merging  # noqa: E402,F401  (registers the tome token reduction)
 
 __all__ = ["Backbone", "FeatureInfo", "build_preset", "create_backbone", "list_backbones", "register"]

@@ -217,7 +217,8 @@ class Backbone(AuxiliaryLossSource):
 
     def token_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """What ``predict`` can draw of the last forward pass over ``x``: per stage, a map ``[B, *grid]`` over the
-        input's patch grid, 1 where a patch still runs through the blocks, 0 where it was dropped; default none."""
+        input's patch grid, 1 where a patch still runs through the blocks, 0 where it was dropped; or an integer map of
+        merge groups (a merging ViT: patches with the same value ended in one token); default none."""
         return []
 
     # --- dynamic networks -------------------------------------------------------------------------------

@@ -79,6 +79,18 @@ class TaskCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
+    RUN_OPTIONS: tuple[str, ...] = ("token_merging",)
+    """Model options a run sets on a trained model: given on the command line or in a config, they win over the
+    hyperparameters of ``--ckpt_path`` (which Lightning otherwise puts over the command line's)."""
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        given = {k: model.get(k) for k in self.RUN_OPTIONS if model is not None and model.get(k) is not None}
+        super()._parse_ckpt_path()
+        for key, value in given.items():
+            self.config[subcommand].model[key] = value
+
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Lightning's parsing, then every checkpoint file the run reads checked in full (``--ckpt_path``, ``last``
         falling back to the newest readable file, ``--model.pretrained``, ``--model.teacher_pretrained``), before

@@ -154,7 +154,8 @@ class ClassificationModule(TaskModule):
         hp, options = self.hparams, super().token_reduction_options()
         if hp.token_pruning:
             if options is not None:
-                raise ValueError(f"token_pruning=true and token_reduction={options} both reduce tokens; set one of them")
+                other = f"token_merging={hp.token_merging}" if hp.token_merging is not None else f"token_reduction={options}"
+                raise ValueError(f"token_pruning=true and {other} both reduce tokens; set one of them")
             options = {"method": "dynamicvit", "keep_ratio": hp.keep_ratio, "prune_at": hp.prune_at}
         if options is None:
             return None

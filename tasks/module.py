@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from backbones import Backbone, create_backbone
 from backbones.base import AuxiliaryLoss, AuxiliaryLossSource
+from backbones.token_merging import merge_options
 from backbones.token_reduction import reduce_tokens
 from datamodules.common import TaskDataModule
 from engine.distributed import shard_task_module
@@ -84,6 +85,11 @@ class TaskModule(L.LightningModule):
             reduction, ``dynamicvit``) and its options (``backbones.token_reduction.reduce_tokens``), e.g.
             ``{method: dynamicvit, keep_ratio: 0.7}``; the wrapper is built before any weights load. ``None``:
             every token runs through every block.
+        token_merging: merge tokens in every block (ToMe, ``backbones.token_merging``; any ViT, DeiT, TimeSformer or
+            UNETR encoder, no training needed): ``r`` tokens per block, or ``{r: .., schedule: constant|decreasing}``;
+            the same as ``token_reduction: {method: tome, r: ..}``. Dense outputs are unmerged to the full grid.
+            Settable when evaluating a checkpoint trained without it (``validate --ckpt_path .. --model.token_merging
+            8``: the command line's value wins over the checkpoint's).
     """
 
     predict_output_dir: Path = Path("predictions")
@@ -125,6 +131,7 @@ class TaskModule(L.LightningModule):
         cpu_kernels: CpuKernels = "off",
         activation_checkpointing: bool = False,
         token_reduction: dict[str, Any] | None = None,
+        token_merging: int | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # the subclass's arguments too (``build_head`` and ``build_metrics`` read them); the class names are kept in
@@ -211,8 +218,13 @@ class TaskModule(L.LightningModule):
         """How the backbone runs fewer tokens through its later blocks, from the task's hyper-parameters: the
         ``method`` and options of ``backbones.token_reduction.reduce_tokens``; ``None``: it does not. Default: the
         ``token_reduction`` argument; a task maps its own options (``token_pruning``) here."""
-        options = self.hparams.token_reduction
-        return None if options is None else dict(options)
+        hp = self.hparams
+        options = None if hp.token_reduction is None else dict(hp.token_reduction)
+        if hp.token_merging is not None:
+            if options is not None:
+                raise ValueError(f"token_merging={hp.token_merging} and token_reduction={options} both reduce tokens; set one")
+            options = merge_options(hp.token_merging)
+        return options
 
     def build_head(self) -> nn.Module:
         raise NotImplementedError

@@ -157,7 +157,8 @@ def test_the_general_form_builds_what_token_pruning_builds() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"token_reduction": {"method": "tome"}}, r"one of \[.*'dynamicvit'.*'keep_all'.*\]; got 'tome'"),
+        ({"token_reduction": {"method": "evit"}}, r"one of \[.*'dynamicvit'.*'keep_all'.*'tome'\]; got 'evit'"),
+        ({"token_reduction": {"method": "tome"}}, "'tome' takes other options .*missing a required argument: 'r'"),
         ({"token_reduction": {"keep_ratio": 0.5}}, "token reduction needs a method"),
         ({"token_reduction": {"method": "dynamicvit", "keep_raito": 0.5}}, "'dynamicvit' takes other options .*keep_raito"),
         ({"token_reduction": {"method": "dynamicvit"}, "token_pruning": True}, "set one of them"),

@@ -1,0 +1,281 @@
+"""Token merging (ToMe, ``backbones/token_merging.py``): r = 0 is the dense model bit for bit; the merged forward equals
+a slow reference written as loops over tokens; dense outputs unmerge to the full grid; divided attention merges the
+same positions in every frame; the task switch works on a checkpoint trained without it, and bad uses are named."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from cli_runs import write_shapes
+from PIL import Image
+
+from backbones import create_backbone
+from backbones.token_merging import TokenMerging, _MergeState, merge_schedule, merge_units, unmerge_units
+from backbones.token_reduction import reduce_tokens
+from tasks.classification import ClassificationModule, main
+from tasks.medical import MedicalSegmentationModule
+from tasks.video import VideoClassificationModule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {"img_size": 32, "depth": 4, "embed_dim": 48, "num_heads": 2, "patch_size": 4}  # 64 patch tokens
+UNETR = {"img_size": 32, "embed_dim": 48, "depth": 4, "num_heads": 2, "out_indices": [0, 1, 2, 3]}  # 8 tokens
+
+
+def pair(name: str, **kwargs) -> tuple[torch.nn.Module, TokenMerging]:
+    """A dense backbone and a merging copy with the same weights (r set by the caller)."""
+    torch.manual_seed(0)
+    dense = create_backbone(name, **kwargs).eval()
+    merging = create_backbone(name, **kwargs).eval()
+    merging.load_state_dict(dense.state_dict())
+    return dense, reduce_tokens(merging, "tome", r=0)
+
+
+CASES = {
+    "vit": ("vit_tiny_patch16", TINY, (2, 3, 32, 32)),
+    "deit": ("vit_tiny_patch16", {**TINY, "distilled": True}, (2, 3, 32, 32)),
+    "timesformer": ("timesformer_nano_patch8", {"img_size": 32, "num_frames": 4}, (2, 3, 4, 32, 32)),
+    "timesformer_joint": ("timesformer_nano_patch8", {"img_size": 32, "num_frames": 4, "attention": "joint"}, (2, 3, 4, 32, 32)),
+    "unetr": ("unetr_vit_base", UNETR, (1, 1, 32, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("case", ["vit", "timesformer", "unetr"])
+def test_r_zero_is_the_dense_model_bit_for_bit(case: str) -> None:
+    name, kwargs, shape = CASES[case]
+    dense, merging = pair(name, **kwargs)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        for a, b in zip(dense(x), merging(x), strict=True):
+            assert torch.equal(a, b)
+        if case != "unetr":
+            assert torch.equal(dense.forward_tokens(x), merging.forward_tokens(x))
+    assert merging.merge_sizes is None and merging.token_keep_weights() is None
+
+
+@pytest.mark.parametrize("case", ["vit", "deit", "timesformer", "timesformer_joint"])
+def test_the_merging_blocks_without_a_merge_are_the_dense_blocks(case: str) -> None:
+    """The merging path (proportional attention, sizes all 1, no merge) computes what the dense blocks compute."""
+    name, kwargs, shape = CASES[case]
+    dense, merging = pair(name, **kwargs)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        tokens, grid = merging.embed(x)
+        frames = grid[0] if merging.attention == "divided" else 1
+        state = _MergeState(merging.num_prefix_tokens, frames)
+        state.start(x.shape[0], (tokens.shape[1] - merging.num_prefix_tokens) // frames, x.device)
+        for i in range(len(merging.blocks)):
+            tokens = merging._run_merging_block(i, tokens, grid, state)
+        torch.testing.assert_close(merging.norm(tokens), dense.forward_tokens(x), atol=1e-5, rtol=1e-5)
+
+
+# --- a slow reference: explicit loops over tokens ---------------------------------------------------------------
+
+
+def reference_tokens(vit: TokenMerging, x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """ToMe by hand, one sample at a time: attention with an explicit softmax over logits + log(size), bipartite
+    matching by loops (patch tokens alternately in A and B, each A-token's most cosine-similar B-token by the keys'
+    mean over heads, the ``r`` best pairs merged), size-weighted averages by loops; prefix tokens never merge."""
+    p, heads = vit.num_prefix_tokens, vit.num_heads
+    embedded, _ = vit.embed(x)
+    outs = []
+    for sample in embedded:
+        tokens, sizes = list(sample), [1.0] * sample.shape[0]
+        for block, r in zip(vit.blocks, counts):
+            qkv = [block.attn.qkv(block.norm1(t)).view(3, heads, -1) for t in tokens]  # [3, H, d] per token
+            attended = []
+            for qi in qkv:
+                per_head = []
+                for h in range(heads):
+                    logits = [float(qi[0, h] @ kj[1, h]) / math.sqrt(qi.shape[-1]) + math.log(s) for kj, s in zip(qkv, sizes)]
+                    top = max(logits)
+                    weights = [math.exp(v - top) for v in logits]
+                    total = sum(weights)
+                    per_head.append(sum(w / total * kj[2, h] for w, kj in zip(weights, qkv)))
+                attended.append(block.attn.proj(torch.cat(per_head)))
+            tokens = [t + a for t, a in zip(tokens, attended)]
+            keys = [kj[1].mean(0) for kj in qkv]
+            if r:
+                tokens, sizes = reference_merge(tokens, sizes, keys, p, r)
+            tokens = [t + block.mlp(block.norm2(t)) for t in tokens]
+        outs.append(vit.norm(torch.stack(tokens)))
+    return outs
+
+
+def reference_merge(tokens, sizes, keys, p, r):
+    patches = list(range(p, len(tokens)))
+    a_set, b_set = patches[0::2], patches[1::2]
+    r = min(r, len(patches) // 2)
+    best = []
+    for i in a_set:
+        sims = [float(keys[i] @ keys[j] / (keys[i].norm() * keys[j].norm())) for j in b_set]
+        j = max(range(len(b_set)), key=lambda k: (sims[k], -k))  # the first of equal maxima
+        best.append((sims[j], b_set[j]))
+    order = sorted(range(len(a_set)), key=lambda k: -best[k][0])  # stable: the earlier of equal pairs first
+    merging = set(order[:r])
+    b_tokens = {j: tokens[j] * sizes[j] for j in b_set}
+    b_sizes = {j: sizes[j] for j in b_set}
+    for k in sorted(merging):
+        i, j = a_set[k], best[k][1]
+        b_tokens[j] = b_tokens[j] + tokens[i] * sizes[i]
+        b_sizes[j] += sizes[i]
+    kept = [a_set[k] for k in range(len(a_set)) if k not in merging]
+    new_tokens = tokens[:p] + [tokens[i] for i in kept] + [b_tokens[j] / b_sizes[j] for j in b_set]
+    new_sizes = sizes[:p] + [sizes[i] for i in kept] + [b_sizes[j] for j in b_set]
+    return new_tokens, new_sizes
+
+
+@pytest.mark.parametrize(("case", "schedule"), [("vit", "constant"), ("deit", "decreasing")])
+def test_merged_forward_equals_a_reference_written_as_loops(case: str, schedule: str) -> None:
+    name, kwargs, shape = CASES[case]
+    _, merging = pair(name, **{**kwargs, "img_size": 16})  # 16 patch tokens: the loops stay quick
+    merging.merge_r, merging.schedule = 3, schedule
+    x = torch.randn(2, *shape[1:-2], 16, 16)
+    with torch.no_grad():
+        ours = merging.forward_tokens(x)
+        reference = reference_tokens(merging, x, merge_schedule(3, len(merging.blocks), schedule))
+    assert ours.shape[1] == reference[0].shape[0] < 16
+    for b in range(2):
+        torch.testing.assert_close(ours[b], reference[b], atol=1e-5, rtol=1e-5)
+    assert merging.merge_sizes.sum(1).tolist() == [merging.num_prefix_tokens + 16] * 2
+
+
+def test_unmerge_is_the_identity_without_merges_and_copies_merged_tokens_back() -> None:
+    x = torch.randn(2, 3, 6, 5)  # [B, T, U, C]
+    assert torch.equal(unmerge_units(x, torch.arange(6).expand(2, -1)), x)
+    step = torch.tensor([[0, 1, 0, 2, 3, 1], [0, 0, 1, 1, 2, 3]])  # where each unit goes: 4 new units
+    groups = x.clone()
+    for b in range(2):  # units that merge hold equal features: unmerge(merge(x)) must give x back
+        for new in range(4):
+            members = (step[b] == new).nonzero().flatten()
+            groups[b, :, members] = groups[b, :, members[:1]]
+    merged, sizes = merge_units(groups, torch.ones(2, 6), step, 4)
+    assert sizes.tolist() == [[2, 2, 1, 1], [2, 2, 1, 1]]
+    torch.testing.assert_close(unmerge_units(merged, step), groups)
+
+
+def test_divided_attention_merges_the_same_positions_in_every_frame() -> None:
+    name, kwargs, shape = CASES["timesformer"]
+    _, merging = pair(name, **{**kwargs, "out_indices": [1, 3]})
+    merging.merge_r = 3
+    x = torch.randn(shape)
+    with torch.no_grad():
+        tokens = merging.forward_tokens(x)
+        maps = merging(x)  # [B, C, T, h, w] on the full grid
+    assert tokens.shape[1] == 1 + 4 * (16 - 3 * 4)  # 4 frames of the 16 - 3 x 4 positions left after 4 blocks
+    groups = merging.token_maps(x)[0]  # [B, h, w]: one grouping for all frames
+    assert groups.shape == (2, 4, 4) and not groups.is_floating_point()
+    for b in range(2):
+        for g in groups[b].unique():
+            members = maps[-1][b][:, :, groups[b] == g]  # [C, T, members]: every frame copies its token
+            assert torch.equal(members, members[..., :1].expand_as(members))
+        assert groups[b].unique().numel() == 16 - 3 * 4
+
+
+def test_unetr_decoder_runs_on_unmerged_maps() -> None:
+    torch.manual_seed(0)
+    options = {"backbone": "unetr_vit_base", "backbone_kwargs": UNETR, "num_classes": 3, "feature_size": 4}
+    dense = MedicalSegmentationModule(**options).eval()
+    merged = MedicalSegmentationModule(**options, token_merging=2).eval()
+    merged.load_state_dict(dense.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        logits = merged(x)
+        assert logits.shape == dense(x).shape == (1, 3, 32, 32, 32)
+        assert not torch.equal(logits, dense(x))
+    assert merged.backbone.merge_groups.unique().numel() < 8  # 8 tokens were merged
+
+
+def test_training_with_merging_reaches_every_weight() -> None:
+    module = ClassificationModule(backbone="vit_tiny_patch16", backbone_kwargs=TINY, num_classes=3, pool="avg",
+                                  token_merging={"r": 8, "schedule": "decreasing"})
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    module.compute_loss(module(x), y).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in module.named_parameters() if "blocks.3." in n)
+
+
+def test_predict_writes_merge_maps(tmp_path: Path) -> None:
+    module = ClassificationModule(backbone="vit_tiny_patch16", backbone_kwargs=TINY, num_classes=3, token_merging=8,
+                                  save_token_maps=True).eval()
+    module.predict_output_dir = tmp_path
+    batch = {"input": torch.randn(2, 3, 32, 32), "index": torch.tensor([0, 1]), "path": ["a/cat.png", "b/dog.png"]}
+    with torch.no_grad():
+        rows = module.predict_step(batch, 0)
+    assert [Path(r["token_map"]).name for r in rows] == ["0_cat.png", "1_dog.png"]
+    with Image.open(rows[0]["token_map"]) as picture:
+        assert picture.height == 32 and picture.width > 2 * 32
+        panel = torch.tensor(list(picture.getdata())).view(32, -1, 3)[:, -32:]
+    assert len({tuple(c) for c in panel.reshape(-1, 3).tolist()}) > 4  # groups drawn in colours of their own
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"backbone": "mit_b0", "backbone_kwargs": {}}, "token_merging needs a ViT backbone"),
+        ({"token_pruning": True}, "token_pruning=true and token_merging=4 both reduce tokens"),
+        ({"token_reduction": {"method": "dynamicvit"}}, "token_merging=4 and token_reduction=.* both reduce tokens"),
+        ({"token_merging": -1}, "whole number of tokens >= 0"),
+        ({"token_merging": {"r": 4, "schedule": "increasing"}}, "schedule must be 'constant' or 'decreasing'"),
+        ({"token_merging": {"ratio": 0.5}}, r"token_merging takes r or \{r: .., schedule"),
+        ({"pretrained_lr_mult": 0.1}, "adds no module to the pretrained network"),
+    ],
+)
+def test_bad_uses_are_named(options: dict, message: str) -> None:
+    kwargs = {"backbone": "vit_tiny_patch16", "backbone_kwargs": TINY, "num_classes": 3, "token_merging": 4, **options}
+    with pytest.raises(ValueError, match=message):
+        ClassificationModule(**kwargs)
+
+
+def test_space_only_video_is_refused() -> None:
+    with pytest.raises(ValueError, match="token_merging needs joint or divided attention"):
+        VideoClassificationModule(backbone="timesformer_nano_patch8", num_classes=3, token_merging=2,
+                                  backbone_kwargs={"attention": "space_only"})
+
+
+def test_validate_merges_a_checkpoint_trained_without_merging(tmp_path: Path) -> None:
+    shapes = write_shapes(tmp_path / "shapes", train_per_class=2, val_per_class=2)
+    data = ["--data.root", str(shapes), "--data.image_size", "32", "--data.batch_size", "3", "--data.num_workers", "0"]
+    common = [*data, "--model.backbone", "vit_tiny_patch16", f"--model.backbone_kwargs={TINY}", "--model.pool", "avg",
+              "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+    fit = main(["fit", *common, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+                "--trainer.default_root_dir", str(tmp_path / "fit")])
+    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["token_merging"] is None
+    dense = main(["validate", *common, "--ckpt_path", ckpt, "--trainer.default_root_dir", str(tmp_path / "v0")])
+    cli = main(["validate", *common, "--ckpt_path", ckpt, "--model.token_merging", "{r: 8, schedule: decreasing}",
+                "--trainer.default_root_dir", str(tmp_path / "v1")])
+    backbone = cli.model.backbone
+    assert isinstance(backbone, TokenMerging) and (backbone.merge_r, backbone.schedule) == (8, "decreasing")
+    assert torch.equal(cli.model.state_dict()["head.fc.weight"], dense.model.state_dict()["head.fc.weight"])
+    assert "val/top1" in cli.trainer.callback_metrics and backbone.merge_sizes.shape[1] < 1 + 64
+
+
+def test_export_merges_in_onnx_and_names_what_it_cannot(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from engine.export import export_model, inference_form
+
+    classifier = ClassificationModule(backbone="vit_tiny_patch16", backbone_kwargs=TINY, num_classes=3, token_merging=8)
+    path = export_model(inference_form(classifier), "onnx", tmp_path / "c.onnx", input_size=(32, 32))  # checked there
+    assert path.exists()
+    unetr = MedicalSegmentationModule(backbone="unetr_vit_base", backbone_kwargs=UNETR, num_classes=3, feature_size=4,
+                                      token_merging=2)
+    with pytest.raises(ValueError, match="ONNX export of token merging's unmerged feature maps .* torchscript"):
+        export_model(inference_form(unetr), "onnx", tmp_path / "u.onnx", input_size=(32, 32, 32))
+
+
+@pytest.mark.parametrize("case", ["vit", "timesformer"])
+def test_activation_checkpointing_gives_the_same_gradients(case: str) -> None:
+    name, kwargs, shape = CASES[case]
+    _, plain = pair(name, **kwargs)
+    _, recomputed = pair(name, **kwargs)
+    plain.merge_r = recomputed.merge_r = 3
+    recomputed.set_activation_checkpointing(True)
+    x = torch.randn(shape)
+    for model in (plain, recomputed):
+        model.train()
+        model.forward_tokens(x).square().mean().backward()
+    for (n, a), b in zip(plain.named_parameters(), recomputed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=n)
