@@ -33,7 +33,7 @@ def run(args: list[str]) -> str:
 
 def said(output: str, label: str) -> Path:
     """The path a ``  <label>: <path>`` line of the summary names (it must exist)."""
-    found = re.search(rf"^  {re.escape(label)}: (?:tensorboard --logdir )?(\S+)", output, flags=re.M)
+    found = re.search(rf"^  {re.escape(label)}: (?:tensorboard --logdir )?(\S+)", output, flags=re.MULTILINE)
     assert found, f"no '{label}:' line in:\n{output[-3000:]}"
     path = Path(found.group(1))
     assert path.exists(), path
@@ -98,7 +98,7 @@ def test_lightning_tips_are_silenced() -> None:
 def docs_example() -> str:
     """The onnxruntime example of the classification page, as a user copies it."""
     text = EXAMPLE_PAGE.read_text()
-    found = re.search(r"<!-- onnxruntime-example -->\n```python\n(.*?)```", text, flags=re.S)
+    found = re.search(r"<!-- onnxruntime-example -->\n```python\n(.*?)```", text, flags=re.DOTALL)
     assert found, f"{EXAMPLE_PAGE} lost its onnxruntime example"
     return found.group(1)
 
@@ -123,7 +123,7 @@ def test_docs_onnxruntime_example_reproduces_predict(trained: tuple[list[str], s
     assert len(rows) == 6
     for row in rows:
         code = re.sub(r"^ONNX_FILE, IMAGE = .*$", f"ONNX_FILE, IMAGE = {str(onnx_file)!r}, {row['path']!r}",
-                      example, count=1, flags=re.M)
+                      example, count=1, flags=re.MULTILINE)
         scope: dict = {}
         with contextlib.redirect_stdout(io.StringIO()) as printed:
             exec(compile(code, str(EXAMPLE_PAGE), "exec"), scope)

@@ -3,7 +3,12 @@ no longer exists fails here, before it reaches a reader."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -29,3 +34,22 @@ def test_docs_build_strict(tmp_path: Path) -> None:
     api = (site / "api/backbones/index.html").read_text()
     assert "create_backbone" in api and "Supernet" in api  # mkdocstrings rendered the docstrings
     shutil.rmtree(site)
+
+
+TASK_PAGES = ("classification", "video", "segmentation", "medical")
+
+
+@pytest.mark.parametrize("task", TASK_PAGES)
+def test_task_page_has_a_layout_tree_and_a_working_command(task: str) -> None:
+    """Each task page draws its data layout as a tree, and its first command runs: the recipe and every flag parse
+    (``--print_config`` resolves the whole config without training)."""
+    text = (ROOT / "docs" / "tasks" / f"{task}.md").read_text()
+    assert "## Data layout" in text and "├── " in text
+    first = re.search(r"```bash\n(python -m tasks\.\S+ [^\n]*)", text)
+    assert first, f"docs/tasks/{task}.md shows no command"
+    words = shlex.split(first.group(1), comments=True)
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as exited, contextlib.redirect_stdout(out):
+        importlib.import_module(words[2]).main(args=[*words[3:], "--print_config"])
+    assert exited.value.code in (0, None), first.group(1)
+    assert "model:" in out.getvalue()

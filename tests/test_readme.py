@@ -9,10 +9,10 @@ import importlib
 import io
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -21,7 +21,7 @@ README = ROOT / "README.md"
 def readme_commands(text: str) -> list[list[str]]:
     """The commands of every ```bash block: continuation lines joined, ``a && b`` split, comments dropped."""
     commands = []
-    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, flags=re.S):
+    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, flags=re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):
                 words = shlex.split(part, comments=True)

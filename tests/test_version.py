@@ -7,10 +7,10 @@ import contextlib
 import importlib
 import io
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import engine
 
@@ -35,7 +35,7 @@ def test_task_prints_version(task: str, where: list[str]) -> None:
 def test_changelog_has_a_section_for_the_version() -> None:
     """Keep a Changelog: ``## [Unreleased]`` on top, then ``## [X.Y.Z] - YYYY-MM-DD`` per release, newest first."""
     text = (ROOT / "CHANGELOG.md").read_text()
-    releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", text, flags=re.M)
+    releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", text, flags=re.MULTILINE)
     assert PROJECT_VERSION in releases
-    headings = re.findall(r"^## (.*)$", text, flags=re.M)
+    headings = re.findall(r"^## (.*)$", text, flags=re.MULTILINE)
     assert headings[0] == "[Unreleased]", headings[0]

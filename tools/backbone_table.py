@@ -23,8 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import backbones  # noqa: E402
-from backbones.registry import _REGISTRY as REGISTRY  # noqa: E402  (the preset functions, for their source)
+import backbones
+from backbones.registry import _REGISTRY as REGISTRY
 
 DOC = ROOT / "docs" / "backbones.md"
 BEGIN, END = "<!-- presets table: python tools/backbone_table.py -->", "<!-- end of presets table -->"
