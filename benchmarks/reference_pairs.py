@@ -98,7 +98,7 @@ def timesformer_pair(tmp_path: Path, scale: Scale = "tiny", batch: int = 2) -> P
     reference = perturbed(transformers.TimesformerForVideoClassification(config))
     reference.save_pretrained(tmp_path / "hf", safe_serialization=True)
     ours = VideoClassificationModule(**ours_kwargs, pretrained=str(tmp_path / "hf" / "model.safetensors"))
-    run = lambda clip: reference(pixel_values=clip.transpose(1, 2)).logits  # noqa: E731  (takes [B, T, C, H, W])
+    run = lambda clip: reference(pixel_values=clip.transpose(1, 2)).logits  # takes [B, T, C, H, W]
     size = config.image_size
     return reference, run, ours, torch.randn(batch, 3, config.num_frames, size, size)
 

@@ -49,12 +49,14 @@ def test_mfu_is_achieved_flops_over_the_peak() -> None:
 
 
 def test_batches_follow_the_gpu_memory() -> None:
-    ctx = gpu.Context("cuda", False, 989.4, 79.1, Path("."))
-    assert ctx.batch(256, 2) == 128  # 79.1 GiB: just under the 80 GB reference, the power of two below
+    ctx = gpu.Context("cuda", False, 989.4, 79.1, Path("."))  # H100 80GB: the batches as written
+    assert ctx.batch(256, 2) == 256 and ctx.batch(4, 1) == 4
     ctx.memory_gib = 139.8  # H200
-    assert ctx.batch(256, 2) == 256
+    assert ctx.batch(256, 2) == 256 and ctx.batch(4, 1) == 4
+    ctx.memory_gib = 39.4  # A100 40GB
+    assert ctx.batch(256, 2) == 128 and ctx.batch(4, 1) == 2
     ctx.memory_gib = 22.0  # L4
-    assert ctx.batch(256, 2) == 64
+    assert ctx.batch(256, 2) == 64 and ctx.batch(4, 1) == 1
     ctx.dry_run = True
     assert ctx.batch(256, 2) == 2
 
@@ -72,9 +74,10 @@ def test_rows_run_most_important_first_and_only_picks_by_pattern() -> None:
         gpu.select_rows(["nothing"])
 
 
-def run_script(out: Path, *args: str, fault: str = "", row_timeout: str = "") -> dict:
+def run_script(out: Path, *args: str, fault: str = "", row_timeout: str = "", oom: str = "") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "VISION_SUITE_GPU_BENCH_FAULT": fault, "VISION_SUITE_GPU_BENCH_ROW_TIMEOUT": row_timeout}
+           "VISION_SUITE_GPU_BENCH_FAULT": fault, "VISION_SUITE_GPU_BENCH_ROW_TIMEOUT": row_timeout,
+           "VISION_SUITE_GPU_BENCH_OOM": oom}
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--out", str(out), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -109,7 +112,8 @@ DRY_ROWS = ["vit_b16/bf16-mixed/eager", "vitg_memory", "vit_b16/bf16-mixed/compi
 def test_the_dry_run_takes_every_kind_of_row_and_survives_a_crash_and_a_hang(tmp_path: Path) -> None:
     report = run_script(tmp_path, "--dry-run", "--peak-tflops", "1", "--only", *DRY_ROWS,
                         fault="dynamicvit_s/16-mixed/eager=crash,segformer_b0/bf16-mixed/compile=hang",
-                        row_timeout="segformer_b0/bf16-mixed/compile=2")
+                        row_timeout="segformer_b0/bf16-mixed/compile=2",
+                        oom="vitg_memory=5,vit_b16/16-mixed/eager=1")  # CUDA's out-of-memory error, simulated
     rows = {r["id"]: r["result"] for r in report["rows"]}
     assert list(rows) == DRY_ROWS
     crashed = rows.pop("dynamicvit_s/16-mixed/eager")  # the worker died in it; a fresh one took the rest
@@ -131,8 +135,12 @@ def test_the_dry_run_takes_every_kind_of_row_and_survives_a_crash_and_a_hang(tmp
         "fp32", "torch.bfloat16", "torch.float16"}
     loss = rows["loss20/classification"]
     assert loss["pass"] and len(loss["losses"]["32-true"]) == len(loss["losses"]["bf16-mixed"]) == loss["steps"]
-    vitg = rows["vitg_memory"]
-    assert vitg["largest_batch"] == 4 and [t["batch"] for t in vitg["tries"]] == [1, 2, 4, 4, 2]
+    halved = rows["vit_b16/16-mixed/eager"]  # out of memory at batch 2: measured at 1
+    assert halved["batch"] == 1 and halved["notes"][0] == "batch 2 ran out of memory: halved"
+    vitg = rows["vitg_memory"]  # doubling to the first failure, bisection, the largest fit again, half of it
+    assert (vitg["largest_batch"], vitg["first_failure"]) == (5, 6)
+    assert [(t["batch"], t["fits"]) for t in vitg["tries"]] == [
+        (1, True), (2, True), (4, True), (8, False), (6, False), (5, True), (5, True), (2, True)]
     text = (tmp_path / "gpu_results.md").read_text()
     for row_id in DRY_ROWS:
         assert row_id in text
