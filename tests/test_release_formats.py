@@ -246,3 +246,80 @@ def test_vit_resnas_manifest_matches_the_preset(preset: str) -> None:
     assert sorted(k for k in converted if k.startswith("foreign.")) == [f"foreign.{k}" for k in PATCH_HEAD]
     converted = {k: v for k, v in converted.items() if not k.startswith("foreign.")}
     assert_same_layout(converted, our_layout(backbone, head))
+
+
+# --- SegFormer .pth (NVlabs/SegFormer: mmseg/models/backbones/mix_transformer.py, decode_heads/segformer_head.py) -
+
+SEGFORMER = DATA / "segformer"
+MIT_TINY = {"embed_dims": (8, 16, 24, 32), "depths": (1, 1, 1, 1), "num_heads": (1, 2, 3, 4)}
+
+
+def test_segformer_nvlabs_checkpoint_gives_the_release_logits() -> None:
+    """A full mmseg checkpoint (``meta`` + ``state_dict``: ``backbone.`` and ``decode_head.``) through
+    ``pretrained=``: the release's whole-image inference, logits resized to the input without aligned corners."""
+    from tasks.segmentation import SegmentationModule
+
+    ours = SegmentationModule(backbone="mit_b0", backbone_kwargs=MIT_TINY, num_classes=5, decoder_dim=16,
+                              pretrained=str(SEGFORMER / "segformer_tiny.pth")).eval()
+    report = ours.load_report
+    assert report.format == "segformer-nvlabs" and not report.missing and not report.unexpected
+    assert ours.hparams.align_corners is False  # the format's convention, taken as the config leaves it unset
+    with torch.no_grad():
+        logits = ours(torch.from_numpy(np.load(SEGFORMER / "input.npy")))
+    expected = torch.from_numpy(np.load(SEGFORMER / "segformer_tiny_logits.npy"))
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+
+
+def test_segformer_nvlabs_checkpoint_into_the_encoder_alone_skips_the_decoder() -> None:
+    from backbones.weights import load_pretrained
+
+    report = load_pretrained(create_backbone("mit_b0", **MIT_TINY), SEGFORMER / "segformer_tiny.pth")
+    assert not report.missing and not report.unexpected
+    assert {"head.linear.0.weight", "head.fuse.weight", "head.classifier.weight"} <= set(report.skipped)
+
+
+def test_mit_imagenet_file_gives_the_release_maps(tmp_path: Path) -> None:
+    """A bare MiT state dict (the released ``mit_b*.pth`` layout) into the backbone: the four maps of the release.
+    The ImageNet files also hold the classifier ``head`` of the classification code (not in the NVlabs repository):
+    into a backbone it is skipped."""
+    from backbones.weights import load_pretrained
+
+    backbone = create_backbone("mit_b0", pretrained=str(SEGFORMER / "mit_tiny.pth"), **MIT_TINY).eval()
+    state = torch.load(SEGFORMER / "mit_tiny.pth", weights_only=True)
+    torch.save({**state, "head.weight": torch.zeros(1000, 32), "head.bias": torch.zeros(1000)}, tmp_path / "mit.pth")
+    report = load_pretrained(create_backbone("mit_b0", **MIT_TINY), tmp_path / "mit.pth")
+    assert sorted(report.skipped) == ["head.fc.bias", "head.fc.weight"] and not report.missing
+    with torch.no_grad():
+        maps = backbone(torch.from_numpy(np.load(SEGFORMER / "input.npy")))
+    with np.load(SEGFORMER / "mit_tiny_maps.npz") as expected:
+        assert len(maps) == len(expected.files) == 4
+        for ours, name in zip(maps, expected.files):
+            torch.testing.assert_close(ours, torch.from_numpy(expected[name]), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("release", json.loads((SEGFORMER / "manifests.json").read_text()))
+def test_segformer_manifest_matches_the_preset(release: str) -> None:
+    """``mit_b*``: the encoder's keys; ``segformer.b*``: a whole ADE20K model's, whose decoder maps onto
+    ``SegFormerHead`` (the unused ``decode_head.conv_seg`` of mmseg's ``BaseDecodeHead`` is left out)."""
+    from backbones.weights import _HEAD_MAPS
+    from heads.segformer import SegFormerHead
+
+    manifest = json.loads((SEGFORMER / "manifests.json").read_text())[release]
+    state = meta_state(manifest["keys"])
+    fmt = detect_format(state)
+    assert fmt.name == "segformer-nvlabs"
+    converted = fmt.convert(state)
+    foreign = {k.removeprefix("foreign."): v for k, v in converted.items() if k.startswith("foreign.")}
+    converted = {k: v for k, v in converted.items() if not k.startswith("foreign.")}
+    with torch.device("meta"):
+        backbone = create_backbone(manifest.get("encoder", release))
+        ours = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+        if foreign:
+            head = SegFormerHead([f.channels for f in backbone.feature_info], manifest["num_classes"],
+                                 embed_dim=manifest["decoder_dim"])
+            ours.update({f"head.{k}": v for k, v in head.state_dict().items()})
+            mapped = _HEAD_MAPS[fmt.name](foreign)
+            used = [k for k in foreign if not k.startswith("decode_head.conv_seg.")]
+            assert len(mapped) == len(used), "decoder keys the head map leaves out"
+            converted.update({f"head.{k}": v for k, v in mapped.items()})
+    assert_same_layout(converted, ours)

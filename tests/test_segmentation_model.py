@@ -10,7 +10,6 @@ import torch
 
 from backbones import create_backbone
 from backbones.mix_transformer import MixTransformer
-from backbones.weights import load_pretrained
 from heads.segformer import SegFormerHead
 from tasks.segmentation import SegmentationModule
 
@@ -85,48 +84,6 @@ def test_smp_segformer_checkpoint_gives_the_same_logits(tmp_path: Path) -> None:
     assert got.shape == expected.shape == (2, 19, 64, 96)
     assert (got - expected).abs().max() <= 1e-4
     assert (unfolded - expected).abs().max() <= 1e-4
-
-
-def _nvlabs_name(key: str) -> str | None:
-    """smp's key -> the NVlabs/mmseg release's name of the same tensor."""
-    if key.startswith("encoder."):
-        return "backbone." + key.removeprefix("encoder.")
-    if m := re.match(r"decoder\.mlp_stage\.(\d)\.linear\.(.+)", key):
-        return f"decode_head.linear_c{4 - int(m[1])}.proj.{m[2]}"
-    for ours, theirs in (("decoder.fuse_stage.0.", "decode_head.linear_fuse.conv."),
-                         ("decoder.fuse_stage.1.", "decode_head.linear_fuse.bn."),
-                         ("segmentation_head.0.", "decode_head.linear_pred.")):
-        if key.startswith(ours):
-            return theirs + key.removeprefix(ours)
-    return None
-
-
-def test_nvlabs_mmseg_checkpoint_loads(tmp_path: Path) -> None:
-    ref = _random_smp(150)
-    state = {_nvlabs_name(k): v for k, v in ref.state_dict().items()}
-    assert "backbone.block1.0.attn.kv.weight" in state and "backbone.block1.0.mlp.dwconv.dwconv.weight" in state
-    assert "backbone.block1.0.attn.sr.weight" in state and "backbone.norm4.weight" in state
-    state["decode_head.conv_seg.weight"] = torch.zeros(150, 128, 1, 1)  # unused by SegFormerHead, in every release
-    torch.save({"meta": {}, "state_dict": state}, tmp_path / "segformer.b0.512x512.ade.160k.pth")
-    ours = SegmentationModule(
-        backbone="mit_b0", num_classes=150, pretrained=str(tmp_path / "segformer.b0.512x512.ade.160k.pth"), align_corners=True
-    ).eval()
-    assert ours.load_report.format == "segformer-nvlabs" and not ours.load_report.missing
-    # the same file into the encoder alone: the decoder is reported as skipped
-    encoder = load_pretrained(create_backbone("mit_b0"), tmp_path / "segformer.b0.512x512.ade.160k.pth")
-    assert not encoder.missing and not encoder.unexpected
-    assert {"head.linear.0.weight", "head.fuse.weight", "head.classifier.weight"} <= set(encoder.skipped)
-    x = torch.randn(1, 3, 64, 96)
-    with torch.no_grad():
-        assert (ours(x) - ref(x)).abs().max() <= 1e-4
-
-    # an ImageNet MiT (bare encoder names and a 1000-class head) into the backbone alone
-    encoder = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    torch.save({**encoder, "head.weight": torch.zeros(1000, 256), "head.bias": torch.zeros(1000)}, tmp_path / "mit_b0.pth")
-    backbone = create_backbone("mit_b0", pretrained=str(tmp_path / "mit_b0.pth")).eval()
-    with torch.no_grad():
-        for a, b in zip(backbone(x), ref.encoder(x)[2:]):
-            assert (a - b).abs().max() <= 1e-4
 
 
 def test_hugging_face_checkpoint_loads(tmp_path: Path) -> None:
