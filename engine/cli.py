@@ -79,14 +79,19 @@ class TaskCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
-    RUN_OPTIONS: tuple[str, ...] = ("token_merging",)
-    """Model options a run sets on a trained model: given on the command line or in a config, they win over the
-    hyperparameters of ``--ckpt_path`` (which Lightning otherwise puts over the command line's)."""
+    RUN_OPTIONS: tuple[str, ...] = ("token_merging", "save_token_maps")
+    """Model options a run sets on a trained model: set on the command line or in a config (to another value than
+    the default), they win over the hyperparameters of ``--ckpt_path``, which Lightning otherwise puts over them."""
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         model = self.config[subcommand].get("model") if subcommand else None
-        given = {k: model.get(k) for k in self.RUN_OPTIONS if model is not None and model.get(k) is not None}
+        defaults = {}
+        for cls in reversed(self._model_class.__mro__):  # a subclass's default wins over its base's
+            init = cls.__dict__.get("__init__")
+            params = inspect.signature(init).parameters if init is not None else {}
+            defaults.update({k: params[k].default for k in self.RUN_OPTIONS if k in params})
+        given = {k: model[k] for k in defaults if model is not None and k in model and model[k] != defaults[k]}
         super()._parse_ckpt_path()
         for key, value in given.items():
             self.config[subcommand].model[key] = value

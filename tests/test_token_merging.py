@@ -251,6 +251,10 @@ def test_validate_merges_a_checkpoint_trained_without_merging(tmp_path: Path) ->
     assert isinstance(backbone, TokenMerging) and (backbone.merge_r, backbone.schedule) == (8, "decreasing")
     assert torch.equal(cli.model.state_dict()["head.fc.weight"], dense.model.state_dict()["head.fc.weight"])
     assert "val/top1" in cli.trainer.callback_metrics and backbone.merge_sizes.shape[1] < 1 + 64
+    # predict's options win over the checkpoint's too (its save_token_maps: false)
+    main(["predict", *common, "--ckpt_path", ckpt, "--model.token_merging", "8", "--model.save_token_maps", "true",
+          "--predictions.output_dir", str(tmp_path / "preds"), "--trainer.default_root_dir", str(tmp_path / "p")])
+    assert len(list((tmp_path / "preds" / "token_maps").glob("*.png"))) == 6
 
 
 def test_export_merges_in_onnx_and_names_what_it_cannot(tmp_path: Path) -> None:
