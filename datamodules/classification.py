@@ -170,6 +170,9 @@ class ClassificationDataModule(TaskDataModule):
     def input_size(self) -> tuple[int, int]:
         return (self.hparams.image_size, self.hparams.image_size)
 
+    def sample_files(self, split: str, index: int) -> list[str]:
+        return [str(self.datasets[split].samples[index][0])]
+
     def synthetic_root(self) -> Path:
         return synthetic_shapes(self.hparams.synthetic_size, self.hparams.synthetic_train_per_class)
 

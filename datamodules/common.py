@@ -24,6 +24,7 @@ from .sampling import (
     SeededSamples,
     process_group,
 )
+from .workers import SampleFiles, WatchedDataLoader
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -108,7 +109,7 @@ def list_images(folder: Path) -> list[Path]:
 
 def make_loader(
     dataset: Dataset, *, batch_size: int, num_workers: int, shuffle: bool, drop_last: bool = False,
-    collate_fn: Callable[[list[Any]], Any] | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None, files: SampleFiles | None = None,
 ) -> DataLoader:
     """The loader of one split, the same on one process or many.
 
@@ -116,19 +117,20 @@ def make_loader(
     epoch, sharded over the processes, with each sample augmented from its own seed (see ``sampling.py``), so a
     resumed run repeats an uninterrupted one exactly. Evaluation: in order, and under several processes each
     rank gets a disjoint shard without the padding repeats of ``DistributedSampler``, so every sample is counted
-    once in the metrics and written once in the predictions.
+    once in the metrics and written once in the predictions. Both are ``WatchedDataLoader``s: a worker that dies is
+    named with the ``files`` of the sample it was reading and of its batch.
     """
     rank, world = process_group()
     options: dict[str, Any] = dict(
         batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
-        persistent_workers=num_workers > 0, pin_memory=False, collate_fn=collate_fn,
+        persistent_workers=num_workers > 0, pin_memory=False, collate_fn=collate_fn, files=files,
     )
     if shuffle:
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything (LightningCLI's seed_everything)
         sampler = EpochShuffleSampler(dataset, seed=seed, num_replicas=world, rank=rank)  # type: ignore[arg-type]
         return ResumableDataLoader(SeededSamples(dataset, seed), sampler=sampler, **options)
     unrepeated = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
-    return DataLoader(dataset, sampler=unrepeated, **options)
+    return WatchedDataLoader(dataset, sampler=unrepeated, **options)
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -182,7 +184,13 @@ class TaskDataModule(L.LightningDataModule):
         return make_loader(
             data, batch_size=batch_size, num_workers=self.num_workers, shuffle=train,
             drop_last=train and len(data) > batch_size, collate_fn=self.collate(split),  # type: ignore[arg-type]
+            files=lambda index: self.sample_files(split, index),
         )
+
+    def sample_files(self, split: str, index: int) -> list[str]:
+        """The files sample ``index`` of ``split`` is read from, for messages that name it (a loader worker that
+        died on it); empty where a DataModule does not say."""
+        return []
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train")

@@ -270,6 +270,11 @@ class MedicalDataModule(TaskDataModule):
         elif stage == "predict":
             self.datasets["predict"] = self._dataset(self.hparams.predict_split, self.eval_transform(False), cache=False)
 
+    def sample_files(self, split: str, index: int) -> list[str]:
+        entry = self.datasets[split].data[index]
+        images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+        return [str(p) for p in [*images, entry.get("label")] if p is not None]
+
     def split_batch_size(self, split: str) -> int:
         return self.hparams.batch_size if split == "train" else 1  # whole volumes differ in size
 

@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import Dataset, DistributedSampler, get_worker_info
+
+from .workers import WatchedDataLoader
 
 SampleKey = tuple[int, int]  # (epoch, dataset index)
 
@@ -139,7 +141,7 @@ class _DeferredIterator:
         return next(self._iterator)
 
 
-class ResumableDataLoader(DataLoader):
+class ResumableDataLoader(WatchedDataLoader):
     """The training loader: iteration starts on the first batch requested, and ``resume`` makes an epoch begin
     after the batches already trained on (``TaskModule.on_train_start`` calls it when a fit resumes mid-epoch)."""
 

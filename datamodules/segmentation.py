@@ -360,6 +360,9 @@ class SegmentationDataModule(TaskDataModule):
                 root=folder, reduce_zero_label=False, ignore_index=hp.ignore_index,
             )
 
+    def sample_files(self, split: str, index: int) -> list[str]:
+        return [str(p) for p in self.datasets[split].pairs[index] if p is not None]
+
     def split_batch_size(self, split: str) -> int:
         return self.hparams.batch_size if split == "train" else self.hparams.val_batch_size
 

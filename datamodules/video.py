@@ -381,6 +381,9 @@ class VideoDataModule(TaskDataModule):
         if stage == "fit" and len(self.datasets["train"]) == 0:
             raise DataError(f"the training list {self.list_path('train')} is empty")
 
+    def sample_files(self, split: str, index: int) -> list[str]:
+        return [str(self.datasets[split].samples[index].path)]
+
     def collate(self, split: str) -> Callable[[list[Any]], Any]:
         return collate_clips
 

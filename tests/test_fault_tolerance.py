@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
@@ -15,7 +16,10 @@ import pytest
 import torch
 
 from datamodules.classification import ClassificationDataModule
+from datamodules.classification import ImageFolderDataset
 from datamodules.errors import DiskFullError
+from datamodules.workers import WorkerDiedError
+from torch.utils.data import get_worker_info
 from datamodules.sampling import SeededSamples
 from engine.cli import PREEMPTED_EXIT_CODE, run_cli
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -212,3 +216,31 @@ def test_a_run_whose_checkpoint_disk_fills_stops_with_the_last_one_intact(
     assert err.value.one_line().startswith(f"{disk}: no space left on the device to write last.ckpt: it needs about")
     assert os.listdir(disk) == ["last.ckpt"]
     assert torch.load(disk / "last.ckpt", weights_only=True)["global_step"] == 2  # the first save, whole
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSEGV], ids=["killed-in-a-run", "segfault"])
+def test_a_dying_loader_worker_is_named_with_its_batch_files(
+    shapes: Path, tmp_path: Path, signum: signal.Signals, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victim = shapes / "train" / "circle" / "5.png"
+    real = ImageFolderDataset.__getitem__
+
+    def dying(self: ImageFolderDataset, index: int) -> dict:
+        if get_worker_info() is not None and self.samples[index][0] == victim:
+            os.kill(os.getpid(), signum)  # the kernel's OOM killer, or a decoder's segfault
+        return real(self, index)
+
+    monkeypatch.setattr(ImageFolderDataset, "__getitem__", dying)
+    how = {signal.SIGKILL: "Killed", signal.SIGSEGV: "Segmentation fault"}[signum]
+    # PyTorch says how when its SIGCHLD handler is first to see the death, else only that the worker exited
+    named = (rf"^loader worker [01] \(pid \d+\) (is killed by signal: {how}|exited unexpectedly) while reading "
+             rf"{victim}; its batch: ([^,]+\.png, )*{victim}")
+    if signum == signal.SIGKILL:  # a training run through the CLI (its workers forked from this process)
+        with pytest.raises(WorkerDiedError, match=named):
+            main([*fit_args(shapes, tmp_path), "--data.num_workers=2"])
+        return
+    dm = ClassificationDataModule(str(shapes), image_size=32, batch_size=4, num_workers=2)
+    dm.setup("fit")
+    with pytest.raises(WorkerDiedError, match=named):
+        for _ in dm.train_dataloader():
+            pass
