@@ -521,7 +521,7 @@ def run_speed(ctx: Context, row: Row) -> dict[str, Any]:
             torch.manual_seed(0)
             bench = build(ctx, batch)
             x, y = bench.x.to(ctx.device), bench.y.to(ctx.device)
-            models = [measure_model(ctx, row, row.bench, m, x, y) for m in bench.models]
+            models = [measure_or_fail(ctx, row, m, x, y) for m in bench.models]
             break
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True
@@ -534,13 +534,34 @@ def run_speed(ctx: Context, row: Row) -> dict[str, Any]:
                 raise RuntimeError("out of memory at batch 1")
             notes.append(f"batch {batch} ran out of memory: halved")
             batch //= 2
+    failed = [m for m in models if "error" in m]
+    if len(failed) == len(models):
+        raise RuntimeError("every model failed: " + "; ".join(f"{m['name']}: {m['error']}" for m in failed))
     base = next(m for m in models if m["name"] == bench.baseline)
-    for m in models:
+    for m in (m for m in models if "error" not in m):
         for mode in ("train", "infer"):
             mine, theirs = base.get(f"{mode}_samples_per_s"), m.get(f"{mode}_samples_per_s")
             m[f"{bench.baseline} vs it, {mode}"] = mine / theirs if mine and theirs else None
     return {"title": bench.title, "batch": batch, "baseline": bench.baseline, "models": models,
-            "notes": notes + bench.notes}
+            "notes": notes + bench.notes, "restart_worker": bool(failed)}
+
+
+def measure_or_fail(ctx: Context, row: Row, model: Model, x: Any, y: Any) -> dict[str, Any]:
+    """``measure_model``, or the error that stopped it: a reference that does not compile costs its own figures only.
+    Out-of-memory errors go up (the row retries at a smaller batch)."""
+    import torch
+
+    try:
+        fault(f"{row.id}:{model.name}")
+        return measure_model(ctx, row, row.bench, model, x, y)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        with contextlib.suppress(Exception):
+            model.module.to("cpu")
+            torch._dynamo.reset()
+            reset_memory(ctx)
+        return {"name": model.name, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
 
 
 def run_outputs(ctx: Context, row: Row) -> dict[str, Any]:
@@ -767,7 +788,7 @@ def run_vitg_memory(ctx: Context, row: Row) -> dict[str, Any]:
                   "its all-gather copies), so the state is README's DDP column without DDP's buckets",
                   f"batch searched by doubling from {1 if ctx.dry_run else 8} up to {cap}, then bisection to a multiple "
                   f"of {granularity}; an out-of-memory step rebuilds the model"],
-        "parameters": params, "largest_batch": lo, "first_failure": hi, "peak_gib": final["peak_gib"],
+        "parameters": params, "largest_batch": lo, "first_failure": hi, "batch_cap": cap, "peak_gib": final["peak_gib"],
         "step_s": final["step_s"], "images_per_s": lo / final["step_s"] if final["step_s"] else None,
         "measured_mib_per_image": per_image, "readme_mib_per_image": README_VITG["checkpointed_mib_per_image"],
         "readme_predicted_gib": predicted,
@@ -799,7 +820,8 @@ def environment(ctx: Context, override: float | None) -> dict[str, Any]:
 
 
 def fault(row_id: str) -> None:
-    """A test hook: ``VISION_SUITE_GPU_BENCH_FAULT=<row id>=<crash|hang|raise>[,...]`` makes that row fail so."""
+    """A test hook: ``VISION_SUITE_GPU_BENCH_FAULT=<row id>[:<model>]=<crash|hang|raise>[,...]`` makes that row (or
+    that model of a speed row) fail so."""
     spec = os.environ.get("VISION_SUITE_GPU_BENCH_FAULT", "")
     for item in filter(None, spec.split(",")):
         target, _, kind = item.rpartition("=")
@@ -865,8 +887,9 @@ def run_rows(args: argparse.Namespace, ctx: Context, emit: Callable[..., None]) 
             lines = traceback.format_exc().strip().splitlines()
             result = {"status": "failed", "reason": f"{type(e).__name__}: {str(e)[:500]}", "traceback": lines[-12:]}
         result["seconds"] = time.perf_counter() - t
+        restart = result.pop("restart_worker", False)  # a model failed: its CUDA context may be unusable
         emit(event="done", row=row_id, result=result)
-        if result["status"] == "failed":
+        if result["status"] == "failed" or restart:
             return 3  # a CUDA error can leave the context unusable: the parent starts a fresh worker for the rest
     return 0
 
@@ -1044,6 +1067,9 @@ def markdown(report: dict[str, Any]) -> str:
         notes.append(f"- {row['id']}: {r['title']}" + "".join(f"; {n}" for n in r.get("notes", [])))
         base = r["baseline"]
         for m in r["models"]:
+            if "error" in m:
+                lines.append(f"| {row['id']} | {m['name']} | {r['batch']} | failed: {_cell(m['error'])} |" + " |" * 8)
+                continue
             lines.append(
                 f"| {row['id']} | {m['name']} | {r['batch']} | {_fmt(m.get('train_samples_per_s'))} | "
                 f"{_fmt(m.get('infer_samples_per_s'))} | {_fmt(m.get(f'{base} vs it, train'), '.2f', 'x')} | "
@@ -1074,7 +1100,8 @@ def markdown(report: dict[str, Any]) -> str:
                           f"{r['losses']['32-true'][0]:.4f}); difference {r['relative_difference']:.2%}: "
                           f"{'within' if r['pass'] else 'NOT within'} 2 %.")
         elif row["kind"] == "vitg_memory":
-            others += [f"Largest batch that fits: **{r['largest_batch']}** (first failure: {r['first_failure']}), "
+            failure = r["first_failure"] or f"none up to {r.get('batch_cap')}"
+            others += [f"Largest batch that fits: **{r['largest_batch']}** (first failure: {failure}), "
                        f"peak {_fmt(r['peak_gib'], '.2f')} GiB of {_fmt(r['gpu_memory_gib'], '.1f')} GiB, "
                        f"{_fmt(r['step_s'], '.2f')} s per step ({_fmt(r['images_per_s'])} images/s); "
                        f"{r['parameters']:,} parameters.",
@@ -1087,7 +1114,10 @@ def markdown(report: dict[str, Any]) -> str:
                        f"{_fmt(t['step_s'], '.2f')} |" for t in r["tries"]]
         others.append("")
     lines += others
-    lines += ["## Goals (issue 24)", ""] + [f"- {g}" for g in goals(rows)] + [""]
+    lines += ["## Goals (issue 24)", ""]
+    if report["dry_run"]:
+        lines += ["Dry run: tiny models on a CPU, so these figures say nothing about the goals.", ""]
+    lines += [f"- {g}" for g in goals(rows)] + [""]
     return "\n".join(lines)
 
 

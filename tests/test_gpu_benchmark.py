@@ -111,7 +111,8 @@ DRY_ROWS = ["vit_b16/bf16-mixed/eager", "vitg_memory", "vit_b16/bf16-mixed/compi
 @pytest.mark.slow
 def test_the_dry_run_takes_every_kind_of_row_and_survives_a_crash_and_a_hang(tmp_path: Path) -> None:
     report = run_script(tmp_path, "--dry-run", "--peak-tflops", "1", "--only", *DRY_ROWS,
-                        fault="dynamicvit_s/16-mixed/eager=crash,segformer_b0/bf16-mixed/compile=hang",
+                        fault="vit_b16/16-mixed/eager:timm=raise,dynamicvit_s/16-mixed/eager=crash,"
+                              "segformer_b0/bf16-mixed/compile=hang",
                         row_timeout="segformer_b0/bf16-mixed/compile=2",
                         oom="vitg_memory=5,vit_b16/16-mixed/eager=1")  # CUDA's out-of-memory error, simulated
     rows = {r["id"]: r["result"] for r in report["rows"]}
@@ -125,7 +126,7 @@ def test_the_dry_run_takes_every_kind_of_row_and_survives_a_crash_and_a_hang(tmp
     assert {r["status"] for r in rows.values()} == {"measured"}, rows
     for row_id in ("vit_b16/bf16-mixed/eager", "vit_b16/bf16-mixed/compile", "vit_b16/16-mixed/eager"):
         models = {m["name"]: m for m in rows[row_id]["models"]}
-        for m in models.values():
+        for m in models.values() if row_id != "vit_b16/16-mixed/eager" else [models["ours"]]:
             assert m["infer_samples_per_s"] > 0 and m["mfu_infer"] > 0 and m["fwd_gflop_per_sample"] > 0
             assert m["infer_peak_gib"] is None  # no CUDA memory on a CPU
     vit = {m["name"]: m for m in rows["vit_b16/bf16-mixed/eager"]["models"]}
@@ -135,8 +136,9 @@ def test_the_dry_run_takes_every_kind_of_row_and_survives_a_crash_and_a_hang(tmp
         "fp32", "torch.bfloat16", "torch.float16"}
     loss = rows["loss20/classification"]
     assert loss["pass"] and len(loss["losses"]["32-true"]) == len(loss["losses"]["bf16-mixed"]) == loss["steps"]
-    halved = rows["vit_b16/16-mixed/eager"]  # out of memory at batch 2: measured at 1
+    halved = rows["vit_b16/16-mixed/eager"]  # out of memory at batch 2: measured at 1; timm fails, ours stands
     assert halved["batch"] == 1 and halved["notes"][0] == "batch 2 ran out of memory: halved"
+    assert halved["models"][1] == {"name": "timm", "error": "RuntimeError: injected fault in vit_b16/16-mixed/eager:timm"}
     vitg = rows["vitg_memory"]  # doubling to the first failure, bisection, the largest fit again, half of it
     assert (vitg["largest_batch"], vitg["first_failure"]) == (5, 6)
     assert [(t["batch"], t["fits"]) for t in vitg["tries"]] == [
@@ -145,4 +147,5 @@ def test_the_dry_run_takes_every_kind_of_row_and_survives_a_crash_and_a_hang(tmp
     for row_id in DRY_ROWS:
         assert row_id in text
     assert "failed: the worker exited with code 7" in text and "failed: killed after its time limit" in text
+    assert "| vit_b16/16-mixed/eager | timm | 1 | failed: RuntimeError: injected fault" in text
     assert "## Goals (issue 24)" in text
