@@ -14,20 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from datamodules.classification import ClassificationDataModule
-from datamodules.classification import ImageFolderDataset
-from datamodules.errors import DiskFullError
-from datamodules.workers import WorkerDiedError
-from torch.utils.data import get_worker_info
-from datamodules.sampling import SeededSamples
-from engine.cli import PREEMPTED_EXIT_CODE, run_cli
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from tasks.module import NonFiniteLossError
-from engine.checkpointing import AtomicCheckpointIO, LastCheckpoint
-from tasks.classification import ClassificationModule, main
-
 from cli_runs import TINY_VIT, read_metrics, run_task, write_shapes
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import get_worker_info
+
+from datamodules.classification import ClassificationDataModule, ImageFolderDataset
+from datamodules.errors import DiskFullError
+from datamodules.sampling import SeededSamples
+from datamodules.workers import WorkerDiedError
+from engine.checkpointing import AtomicCheckpointIO, LastCheckpoint
+from engine.cli import PREEMPTED_EXIT_CODE, run_cli
+from tasks.classification import ClassificationModule, main
+from tasks.module import NonFiniteLossError
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +87,27 @@ def test_sigterm_saves_at_the_step_and_exits_to_be_requeued_then_resumes_exactly
     assert (saved["global_step"], saved["epoch"]) == (5, 1)  # step 5 itself, 2 of the epoch's 3 batches
     run_task("classification", [*fit_args(shapes, preempted), "--ckpt_path=last"], cache=synthetic_cache)
     assert_same_run(uninterrupted, preempted)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")  # as the uninterrupted run's process: the same sums in the same order
+def test_slurm_auto_requeue_checkpoint_resumes_exactly(
+    shapes: Path, uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    for key, value in slurm.items():  # Lightning detects SLURM and installs its SIGUSR1 auto-requeue handler
+        monkeypatch.setenv(key, value)
+    usr1 = ["--trainer.callbacks+=tests.fault_injection.SignalAtStep", "--trainer.callbacks.step=5",
+            "--trainer.callbacks.signum=SIGUSR1"]
+    main([*fit_args(shapes, tmp_path), *usr1])  # its `scontrol requeue` fails here; the run goes on to the end
+    saved = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
+    assert (saved["global_step"], saved["epoch"]) == (5, 1)  # at the step boundary (Preemption deferred it)
+    cli = main(fit_args(shapes, tmp_path))  # the requeued job: Lightning resumes from hpc_ckpt_1.ckpt by itself
+    assert cli.trainer.global_step == 9
+    a = torch.load(uninterrupted / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sigusr1_without_a_scheduler_handler_stops_like_sigterm(shapes: Path, tmp_path: Path) -> None:
