@@ -1172,6 +1172,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="tiny models on the CPU: check the script end to end")
     parser.add_argument("--only", nargs="+", default=None, metavar="ROW",
                         help="rows to run (patterns: vit_b16/*, loss20/*, vitg_memory ...); default all")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="also write the table as the section '## GPU: <device>' of this Markdown file "
+                             "(benchmarks/RESULTS.md)")
     parser.add_argument("--list", action="store_true", help="print the rows in their order and exit")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--events", type=Path, help=argparse.SUPPRESS)
@@ -1208,6 +1211,12 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(report)
     (out / "gpu_results.md").write_text(text)
     print(text)
+    if args.results:
+        from benchmarks.harness import write_section
+
+        body = "\n".join("##" + line if line.startswith("#") else line for line in text.splitlines()[2:])
+        write_section(args.results, f"GPU: {env.get('gpu') or 'dry run on a CPU'}", body.strip() + "\n")
+        print(f"written to {args.results}")
     measured = sum(r["result"]["status"] == "measured" for r in report["rows"])
     print(f"\n{measured} of {len(rows)} rows measured; {out / 'gpu_results.md'}")
     print(f"On a GPU machine: {GPU_COMMAND}")
