@@ -949,6 +949,7 @@ def run_workers(args: argparse.Namespace, rows: list[Row], out: Path, deadline: 
     while pending and time.time() < deadline - 1 and attempt < 12:
         attempt += 1
         events_path, log_path = out / f"worker-{attempt}.events.jsonl", out / f"worker-{attempt}.log"
+        events_path.unlink(missing_ok=True)  # a previous run's, in the same folder
         command = [sys.executable, "-m", "benchmarks.gpu", "--worker", "--events", str(events_path),
                    "--deadline", str(deadline), "--rows", *pending, "--out", str(out)]
         if args.dry_run:
