@@ -173,7 +173,10 @@ def load_pretrained(
         source = source if str(resolved) == source else f"{source} ({resolved})"
         state = read_checkpoint(resolved)
     fmt = detect_format(state)
-    converted = fmt.convert(state)
+    try:
+        converted = fmt.convert(state)
+    except ValueError as err:  # a layout of the format this code does not take (a distillation model ...)
+        raise ValueError(f"checkpoint {source} (format {fmt.name}): {err}") from err
     backbone = target if isinstance(target, Backbone) else target.backbone
     is_task = backbone is not target
     report = LoadReport(path=source, format=fmt.name, conventions=dict(fmt.conventions))

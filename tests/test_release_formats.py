@@ -79,6 +79,13 @@ def test_big_vision_npz_with_the_exact_gelu_is_named() -> None:
     assert any("mlp_act: gelu_tanh" in note for note in ours.load_report.notes)
 
 
+def test_big_vision_npz_with_sincos_position_embeddings_is_refused() -> None:
+    """big_vision's posemb='sincos2d' models save no pos_embedding: the error names the file and the reason."""
+    with pytest.raises(ValueError, match=r"vit_sincos\.npz \(format big_vision-vit\): it has no pos_embedding.*sincos2d"):
+        create_backbone("vit_tiny_patch16", **{**BV_TINY, "class_token": False},
+                        pretrained=str(BIG_VISION / "vit_sincos.npz"))
+
+
 @pytest.mark.parametrize("preset", json.loads((BIG_VISION / "manifests.json").read_text()))
 def test_big_vision_manifest_matches_the_preset(preset: str) -> None:
     from backbones.formats.big_vision import convert_big_vision_vit

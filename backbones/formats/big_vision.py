@@ -68,6 +68,12 @@ def _under(names: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 def convert_big_vision_vit(state: StateDict) -> StateDict:
     prefix = _prefix(state) or ""
     w = {k.removeprefix(prefix): v.float() for k, v in state.items() if k.startswith(prefix)}
+    if "pos_embedding" not in w:
+        raise ValueError(
+            "it has no pos_embedding: its model added fixed sin-cos position embeddings (big_vision's "
+            "posemb='sincos2d', e.g. configs/vit_s16_i1k.py), which VisionTransformer does not compute; "
+            "only posemb='learn' checkpoints load"
+        )
     out: StateDict = {
         "backbone.patch_embed.proj.weight": rearrange(w.pop("embedding/kernel"), "h w i o -> o i h w"),
         "backbone.patch_embed.proj.bias": w.pop("embedding/bias"),

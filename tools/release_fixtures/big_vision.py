@@ -27,10 +27,11 @@ import numpy as np
 
 OUT = Path(__file__).resolve().parents[2] / "tests/data/releases/big_vision"
 TINY = {"patch_size": (4, 4), "width": 32, "depth": 2, "mlp_dim": 48, "num_heads": 2, "head_zeroinit": False}
-CASES = {  # file -> (pool_type, scan, prefix)
-    "vit_gap.npz": ("gap", False, ""),
-    "vit_tok_scan.npz": ("tok", True, "params/"),
-    "vit_map.npz": ("map", False, "params/"),
+CASES = {  # file -> (pool_type, scan, prefix, posemb)
+    "vit_gap.npz": ("gap", False, "", "learn"),
+    "vit_tok_scan.npz": ("tok", True, "params/", "learn"),
+    "vit_map.npz": ("map", False, "params/", "learn"),
+    "vit_sincos.npz": ("gap", False, "", "sincos2d"),  # configs/vit_s16_i1k.py: no pos_embedding parameter
 }
 # our preset -> big_vision variant and head; g/14 and G/14 as in Zhai et al. (MAP head)
 PRESETS = {
@@ -62,15 +63,15 @@ def main() -> None:
     rng = np.random.default_rng(0)
     image = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)  # NCHW, as our models take it
     np.save(OUT / "input.npy", image)
-    for i, (name, (pool, scan, prefix)) in enumerate(CASES.items()):
-        model = vit.Model(num_classes=5, pool_type=pool, scan=scan, **TINY)
+    for i, (name, (pool, scan, prefix, posemb)) in enumerate(CASES.items()):
+        model = vit.Model(num_classes=5, pool_type=pool, scan=scan, posemb=posemb, **TINY)
         params = model.init(jax.random.PRNGKey(i), jnp.zeros((1, 16, 16, 3)))["params"]
         params = jax.tree.map(lambda p: p + 0.2 * rng.standard_normal(p.shape).astype(np.float32), params)
         logits, _ = model.apply({"params": params}, jnp.asarray(image.transpose(0, 2, 3, 1)))
         names_and_values, _ = utils.tree_flatten_with_names(params)
         np.savez(OUT / name, **{prefix + k: np.asarray(v) for k, v in names_and_values})
         np.save(OUT / name.replace(".npz", "_logits.npy"), np.asarray(logits))
-        print(name, pool, scan, repr(prefix), len(names_and_values), "arrays")
+        print(name, pool, scan, repr(prefix), posemb, len(names_and_values), "arrays")
     manifests = {}
     for ours, (variant, pool) in PRESETS.items():
         model = vit.Model(num_classes=1000, variant=variant, pool_type=pool)
