@@ -334,6 +334,12 @@ class Supernet(Backbone):
         """The largest sub-network (every first value) or the smallest (every last value)."""
         return self.space.extreme(largest)
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One input as every sub-network is built, counted and timed for, ``(C, H, W)`` (``fixed_kwargs``'
+        ``in_chans`` and ``img_size``)."""
+        return (self.fixed_kwargs["in_chans"], *self.fixed_kwargs["img_size"])
+
     # --- one sub-network --------------------------------------------------------------------------------------
 
     def extract(self, config: Any) -> Backbone:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import re
 import statistics
 import time
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from engine.machine import cpu_model
 from ops import CPU_KERNELS, CpuKernels
 from ops.kernels import check_cpu_kernels
 from ops.onednn_linear import onednn_linear
@@ -45,18 +45,6 @@ class Entry:
 
 
 _CPU_KERNELS_ENV = "VISION_SUITE_BENCH_CPU_KERNELS"
-
-
-def cpu_model() -> str:
-    """The processor's model name as ``lscpu`` prints it (``Intel(R) Xeon(R) Processor``, ``AMD EPYC 7B13``): CPU
-    figures depend on it (MKL, oneDNN and PyTorch take other code paths per vendor and instruction set)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_kernels() -> CpuKernels:

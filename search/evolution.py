@@ -11,12 +11,11 @@ candidate, so a killed search started again with the same settings resumes after
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from .costs import Budget, Costs
 from .network import Fitness
 from .results import Candidate
+from .state import candidate_from, candidate_record, read_state, write_state
 
 Genes = tuple[Any, ...]
 
@@ -134,23 +134,14 @@ class EvolutionSearch:
         return ranked
 
     def save_state(self, generation: int, run_settings: dict[str, Any]) -> None:
-        records = [{"genes": list(genes), **asdict(c)} for genes, c in self.records.items()]
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": run_settings, "generation": generation, "records": records}))
-        tmp.replace(self.state_path)
+        records = [candidate_record(c, genes=list(genes)) for genes, c in self.records.items()]
+        write_state(self.state_path, run_settings, "generation", generation, records)
 
     def load_state(self, run_settings: dict[str, Any]) -> int:
         """The last finished generation of a previous run with these settings (-1 when none)."""
-        if not self.state_path.is_file():
+        state = read_state(self.state_path, run_settings, "generation")
+        if state is None:
             return -1
-        state = json.loads(self.state_path.read_text())
-        if state["settings"] != run_settings:
-            changed = sorted(k for k in run_settings if state["settings"].get(k) != run_settings[k])
-            raise ValueError(f"{self.state_path} is a search with other settings ({', '.join(changed)}); use another "
-                             "output_dir")
-        try:
-            self.records = {tuple(r.pop("genes")): Candidate(**r) for r in state["records"]}
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{self.state_path} was written by another version of the search ({err}); use another "
-                             "output_dir") from err
-        return state["generation"]
+        generation, records = state
+        self.records = {tuple(r.pop("genes", ())): candidate_from(r, self.state_path) for r in records}
+        return generation

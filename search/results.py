@@ -1,5 +1,5 @@
 """What a search writes, whichever the strategy: ``candidates.csv`` (every network evaluated), ``pareto.png`` (hold-out
-top-1 against MACs, parameters and latency, the Pareto fronts, the path taken and the network found) and the found
+top-1 against MACs, parameters, latency and MES, the Pareto fronts, the path taken, the budget and the network found) and the found
 network as ``found.yaml`` (a task config: the super-network's ``subnet_preset`` with the found architecture as
 ``backbone_kwargs``, ``pretrained: found.pth``, the super-network's recipe and data) plus ``found.pth`` (its backbone
 and classifier, sliced from the super-network): ``python -m tasks.classification validate --config found.yaml``
@@ -13,13 +13,18 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
 from backbones.base import Supernet
 from heads.classification import Classifier
+
+from .costs import Budget, MobileEfficiency
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -71,31 +76,58 @@ def pareto_front(costs: list[float], scores: list[float]) -> list[tuple[float, f
     return front
 
 
-def write_plot(path: Path, candidates: Sequence[Candidate], found: Candidate, round_name: str) -> Path:
-    """``pareto.png``: hold-out top-1 against MACs, parameters and (when measured) latency, side by side; colour by
-    round, the Pareto front, the chosen path (when it has more than the found network) and the found network."""
-    import matplotlib
+def pareto_figure(candidates: Sequence[Candidate], found: Candidate, round_name: str, budget: Budget | None = None,
+                  mes: MobileEfficiency | None = None) -> Figure:
+    """Hold-out top-1 against MACs, parameters and (when measured) latency and MES, side by side, the budget's
+    measures first, each axis in the budget's units: points coloured by round (``round_name``, with its colour key),
+    the Pareto front, the chosen path (when it has more than the found network), the found network (a star) and the
+    budget (a dotted line where it bounds that measure)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    axes_of = [("macs", "MACs"), ("params", "parameters")]
-    if all(c.latency_ms is not None for c in candidates):
-        axes_of.append(("latency_ms", "latency (ms, this machine)"))
+    measured = all(c.latency_ms is not None for c in candidates)
+    panels = [("macs", *_count_unit([c.macs for c in candidates], "MACs")),
+              ("params", *_count_unit([c.params for c in candidates], "parameters"))]
+    if measured:
+        panels.append(("latency_ms", "latency (ms on the searching machine)", 1.0))
+        unit = "" if mes is None else (f" (units: {mes.params_unit / 1e6:g} M parameters, MobileNetV2's "
+                                       f"{mes.latency_unit_ms:.3g} ms)")
+        panels.append(("mes", f"Mobile Efficiency Score{unit}", 1.0))
+    bounds = {} if budget is None else {k: getattr(budget, k) for k in ("macs", "params", "latency_ms", "mes")
+                                        if getattr(budget, k) is not None}
+    panels.sort(key=lambda panel: panel[0] not in bounds)
     chosen = [c for c in candidates if c.chosen]
-    fig, axes = plt.subplots(1, len(axes_of), figsize=(6 * len(axes_of), 4.5), squeeze=False)
-    for ax, (key, label) in zip(axes[0], axes_of):
-        xs, ys = [getattr(c, key) for c in candidates], [c.top1 for c in candidates]
+    fig = Figure(figsize=(5.5 * len(panels), 4.5))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, label, scale) in zip(axes, panels):
+        xs, ys = [getattr(c, key) / scale for c in candidates], [c.top1 for c in candidates]
         points = ax.scatter(xs, ys, s=8, c=[c.round for c in candidates], cmap="viridis", label="evaluated")
-        ax.plot(*zip(*pareto_front(xs, ys)), "r-", label="Pareto front")
+        sign = -1 if key == "mes" else 1  # a higher MES is the cheaper network
+        front = [(sign * x, y) for x, y in pareto_front([sign * x for x in xs], ys)]
+        ax.plot(*zip(*front), "r-", label="Pareto front")
         if len(chosen) > 1:
-            ax.plot([getattr(c, key) for c in chosen], [c.top1 for c in chosen], "k.--", lw=0.8, label="path taken")
-        ax.plot([getattr(found, key)], [found.top1], "k*", ms=12, label="found")
+            ax.plot([getattr(c, key) / scale for c in chosen], [c.top1 for c in chosen], "k.--", lw=0.8,
+                    label="path taken")
+        ax.plot([getattr(found, key) / scale], [found.top1], "k*", ms=12, label="found")
+        if key in bounds:
+            bound = "at least" if key == "mes" else "at most"
+            ax.axvline(bounds[key] / scale, color="tab:red", ls=":", label=f"budget: {bound} {bounds[key] / scale:.4g}")
         ax.set(xlabel=label, ylabel="hold-out top-1")
         ax.legend(fontsize="small")
-    fig.colorbar(points, ax=axes[0].tolist(), label=round_name)
+    fig.colorbar(points, ax=axes.tolist(), label=round_name)
+    return fig
+
+
+def _count_unit(values: Sequence[float], name: str) -> tuple[str, float]:
+    """An axis label and scale for a count (``M`` or ``G`` by its size)."""
+    scale, prefix = (1e9, "G") if max(values) >= 1e9 else (1e6, "M")
+    return f"{name} ({prefix})", scale
+
+
+def write_plot(path: Path, candidates: Sequence[Candidate], found: Candidate, round_name: str,
+               budget: Budget | None = None, mes: MobileEfficiency | None = None) -> Path:
+    """``pareto.png``: ``pareto_figure``."""
+    fig = pareto_figure(candidates, found, round_name, budget, mes)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 

@@ -7,12 +7,15 @@ evolution (``strategy: evolution``, ``search.evolution``, Liao et al., 2021) or 
 The checkpoint is a classification run's over a super-network preset (``supernet``; ``search.network`` reads it).
 A budget in MACs, parameters, latency on this machine or Mobile Efficiency Score (``search.costs``) bounds the
 networks: the evolution's candidates meet it (MACs within ``[(1 - macs_tolerance) * C, C]`` for a MACs budget ``C``),
-the pruning stops once it is met. A candidate's fitness is the top-1 accuracy of the extracted network, with the
+the pruning stops once it is met. The MES's latency unit is MobileNetV2's latency on this machine (``latency_unit_ms:
+auto``), so an MES budget means the same on any host; ``budget.mes_fraction`` and ``budget.params_fraction`` set a
+budget relative to the space instead. A candidate's fitness is the top-1 accuracy of the extracted network, with the
 classifier sliced to its width, on a hold-out of ``data.search_holdout_per_class`` training images per class (never
 the validation split), optionally after re-estimating its BatchNorm statistics on ``data.calibration_batches``
 batches of the other training images. The output (``search.results``): ``candidates.csv``, ``pareto.png``,
 ``found.yaml`` + ``found.pth``, which ``python -m tasks.classification validate --config found.yaml`` evaluates and
-``fit`` fine-tunes; the latency table is cached as ``latency_table.json``.
+``fit`` fine-tunes; the latency table is cached as ``latency_table.json`` (for the processor, threads and torch that
+timed it) and ``state.json`` lets a killed search resume.
 """
 
 from __future__ import annotations
@@ -47,20 +50,23 @@ def search(
     latency: LatencySettings = LatencySettings(),
     output_dir: str = "search",
 ) -> Path:
-    """Run (or, for the evolution, resume) the search; returns the path of ``found.yaml``.
+    """Run or resume the search; returns the path of ``found.yaml``.
 
     Args:
         ckpt_path: a Lightning checkpoint of a classification run over the super-network.
         supernet: the super-network preset the checkpoint must hold (one of ``configs/search/*.yaml``'s).
-        budget: MACs, parameters, latency or MES to meet (see ``Budget``); one at least.
+        budget: MACs, parameters, latency or MES to meet, or parameters or MES as a fraction of the space (see
+            ``Budget``); one at least.
         strategy: ``evolution`` (sized by ``evolution``) or ``mes_pruning`` (at most ``pruning.max_steps`` steps).
-        mes: the Mobile Efficiency Score's constants (a ``budget.mes``, and the pruning's guide).
+        mes: the Mobile Efficiency Score's constants (a ``budget.mes``, and the pruning's guide); its latency unit
+            ``auto`` is MobileNetV2's latency on this machine.
         data, latency: the hold-out and calibration data; how latency is measured.
-        output_dir: where state, table, CSV, plot and the found network go.
+        output_dir: where state, table, CSV, plot and the found network go; a search with the same settings there
+            resumes after its last finished generation or step.
     """
     if not budget.is_set:
         raise ValueError(f"the {strategy} strategy needs a budget: budget.mes (a Mobile Efficiency Score to reach), "
-                         "budget.macs, budget.params or budget.latency_ms")
+                         "budget.macs, budget.params, budget.latency_ms, budget.mes_fraction or budget.params_fraction")
     if (budget.needs_latency or strategy == "mes_pruning") and not latency.measure:
         raise ValueError(f"a latency or MES budget and the mes_pruning strategy need latency.measure: true "
                          f"(strategy {strategy}, budget {budget.text()})")
@@ -71,6 +77,7 @@ def search(
     table = (LatencyTable(net, out / "latency_table.json", batch_size=latency.batch_size, repeats=latency.repeats,
                           warmup=latency.warmup) if latency.measure else None)
     costs = Costs(net, table, mes)
+    budget = costs.resolve(budget)
     costs.check_reachable(budget, window=strategy == "evolution")
 
     data_hparams = dict(checkpoint.data_hparams)
@@ -82,29 +89,27 @@ def search(
     calibration = calibration_batches(data_hparams, per_class, data.calibration_batches, data.batch_size)
     fitness = Fitness(checkpoint.network, batches, calibration)
 
-    candidates: list[Candidate] = []
+    run_settings = {"ckpt_path": str(Path(ckpt_path).resolve()), "budget": asdict(budget), "holdout": per_class,
+                    "calibration_batches": data.calibration_batches, "root": data_hparams.get("root"),
+                    "mes": asdict(costs.mes) if budget.mes is not None or strategy == "mes_pruning" else None}
     csv_path, round_name = out / "candidates.csv", ROUND[strategy]
+
+    def save(candidates: list[Candidate]) -> None:
+        write_candidates(csv_path, net, candidates, round_name)
+
+    candidates: list[Candidate] = []
     try:
         if strategy == "evolution":
-            run_settings = {"ckpt_path": str(Path(ckpt_path).resolve()), "budget": asdict(budget),
-                            "evolution": {k: v for k, v in asdict(evolution).items() if k != "generations"},  # more resume
-                            "holdout": per_class, "calibration_batches": data.calibration_batches,
-                            "root": data_hparams.get("root"), "mes": asdict(mes) if budget.mes is not None else None}
-            run = EvolutionSearch(fitness, costs, budget, evolution, out)
-
-            def save(ranked: list[Candidate]) -> None:
-                if table is not None:
-                    table.save()
-                write_candidates(csv_path, net, ranked, round_name)
-
-            candidates = run.run(run_settings, save)
+            run_settings["evolution"] = {k: v for k, v in asdict(evolution).items() if k != "generations"}  # more resume
+            candidates = EvolutionSearch(fitness, costs, budget, evolution, out).run(run_settings, save)
             found = candidates[0]
             initial = statistics.median(c.top1 for c in candidates if c.round == 0)
             summary = f"median of the initial population {initial:.4f}"
         else:
-            pruning_run = MESPruning(fitness, costs, budget, pruning)
+            run_settings["strategy"] = strategy  # no max_steps: more steps resume
+            pruning_run = MESPruning(fitness, costs, budget, pruning, out)
             try:
-                found = pruning_run.run()
+                found = pruning_run.run(run_settings, save)
             finally:
                 candidates = pruning_run.visits
             summary = f"largest {candidates[0].top1:.4f}; {len(candidates)} networks evaluated"
@@ -112,8 +117,8 @@ def search(
         if table is not None:
             table.save()
         if candidates:
-            write_candidates(csv_path, net, candidates, round_name)
-    write_plot(out / "pareto.png", candidates, found, round_name)
+            save(candidates)
+    write_plot(out / "pareto.png", candidates, found, round_name, budget, costs.mes)
     path = write_found(out, net, found, fitness.classifier(found.config), checkpoint.hparams, data_hparams, strategy)
     cost = Cost(found.macs, found.params, found.latency_ms, found.mes)
     print(f"found: hold-out top-1 {found.top1:.4f} ({summary}), {cost.text()}; wrote {path}", flush=True)

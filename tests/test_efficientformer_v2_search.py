@@ -28,11 +28,20 @@ from datamodules.synthetic import shape_image
 from tasks.classification import ClassificationModule
 from tasks.classification import main as classification_main
 from search.costs import MobileEfficiency
+from search.latency import LatencyTable
+from search.network import Fitness
 from search.run import main as search_main
 
 from test_search import check_found_network
+from test_search_costs import fake_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def fake_latency(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Latency tables time nothing (``fake_time``): searches are deterministic and quick."""
+    monkeypatch.setattr(LatencyTable, "_time", fake_time())
 
 TINY = {"img_size": 32, "embed_dims": (32, 32, 48, 64), "min_embed_dims": (16, 16, 32, 48), "depths": (2, 2, 2, 2),
         "attention_blocks": 1, "mlp_ratio_choices": (4, 2)}
@@ -184,12 +193,14 @@ def test_mes_search_ends_within_the_budget_and_its_network_runs_through_the_cli(
     assert path[0]["action"] == "largest" and int(path[0]["params"]) == largest and len(path) >= 2
     assert int(path[-1]["params"]) <= budget and all(int(r["params"]) > budget for r in path[:-1])
     assert len(rows) > len(path) and {int(r["step"]) for r in rows} == set(range(len(path)))
+    table = json.loads((out / "latency_table.json").read_text())["entries"]
+    unit = table["reference:mobilenetv2_100:3x32x32"]  # MobileNetV2's latency: the MES unit
     for r in rows:  # MES from the row's own parameters and latency
-        assert float(r["mes"]) == pytest.approx(MobileEfficiency()(int(r["params"]), float(r["latency_ms"])), rel=1e-3)
+        expected = MobileEfficiency(latency_unit_ms=unit)(int(r["params"]), float(r["latency_ms"]))
+        assert float(r["mes"]) == pytest.approx(expected, rel=1e-3)
     assert all(float(b["mes"]) > float(a["mes"]) for a, b in zip(path, path[1:]))
     with Image.open(out / "pareto.png") as plot:
         assert plot.format == "PNG" and plot.width > plot.height > 100
-    assert json.loads((out / "latency_table.json").read_text())["entries"]
 
     recipe = yaml.safe_load(found.read_text())
     arch = json.loads(path[-1]["architecture"])
@@ -197,6 +208,38 @@ def test_mes_search_ends_within_the_budget_and_its_network_runs_through_the_cli(
     assert recipe["data"]["search_holdout_per_class"] == 0 and Path(recipe["model"]["pretrained"]).is_file()
     classification_main(["fit", f"--config={found}", "--data.num_workers=0", "--trainer.fast_dev_run=true",
                          f"--trainer.default_root_dir={tmp_path / 'runs'}", *QUIET])
+
+
+@pytest.mark.slow
+def test_a_killed_mes_search_resumes_to_the_same_network(supernet_ckpt: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ["--budget.mes_fraction=0.74"]  # two steps
+    search_main(search_args(supernet_ckpt, tmp_path / "whole", *args))
+    rows = (tmp_path / "whole" / "candidates.csv").read_text().splitlines()
+    steps = max(int(r.split(",")[0]) for r in rows[1:])
+    assert steps >= 2
+    first_two = 1 + sum(1 for r in rows[1:] if r.split(",")[0] == "1")  # the largest network and step 1's
+    score, calls, die_at = Fitness.__call__, [], first_two + 5
+
+    def scored(self: Fitness, config: object) -> float:  # killed half-way through the second step's networks
+        calls.append(config)
+        if len(calls) == die_at:
+            raise KeyboardInterrupt
+        return score(self, config)
+
+    monkeypatch.setattr(Fitness, "__call__", scored)
+    with pytest.raises(KeyboardInterrupt):
+        search_main(search_args(supernet_ckpt, tmp_path / "killed", *args))
+    assert json.loads((tmp_path / "killed" / "state.json").read_text())["step"] == 1
+    calls.clear()
+    die_at = -1
+    found = search_main(search_args(supernet_ckpt, tmp_path / "killed", *args))
+    assert len(calls) == len(rows) - 1 - first_two  # resumed after step 1: only the later networks scored
+    assert (tmp_path / "killed" / "candidates.csv").read_text().splitlines() == rows
+    assert yaml.safe_load(found.read_text())["model"] == {
+        **yaml.safe_load((tmp_path / "whole" / "found.yaml").read_text())["model"], "pretrained": str(found.with_suffix(".pth"))}
+    with pytest.raises(ValueError, match=r"state.json is a search with other settings \(budget\)"):
+        search_main(search_args(supernet_ckpt, tmp_path / "killed", "--budget.mes_fraction=0.5"))
 
 
 def test_bad_budgets_spaces_and_configs_are_refused(supernet_ckpt: Path, supernet: EfficientFormerV2Supernet,

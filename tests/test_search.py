@@ -173,6 +173,7 @@ def test_training_leaves_out_exactly_the_search_holdout(supernet_ckpt) -> None:
 def test_search_configs_parse(config: Path) -> None:
     cfg = build_parser().parse_args([f"--config={config}", "--ckpt_path=x.ckpt"])
     if cfg.strategy == "mes_pruning":  # EfficientFormerV2's search: a Mobile Efficiency Score to reach
-        assert cfg.supernet.startswith("efficientformerv2_supernet_") and cfg.budget.mes > 0
+        assert cfg.supernet.startswith("efficientformerv2_supernet_") and cfg.mes.latency_unit_ms == "auto"
+        assert (cfg.budget.mes or 0) > 0 or 0 < cfg.budget.mes_fraction <= 1
     else:
         assert cfg.supernet.startswith("vit_resnas_supernet_") and cfg.budget.macs > 0
