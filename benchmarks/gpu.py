@@ -135,7 +135,8 @@ def all_rows() -> list[Row]:
 
 
 def select_rows(only: list[str] | None) -> list[Row]:
-    """``--only`` patterns (``fnmatch``, e.g. ``vit_b16/*``, ``loss20/*``, ``vitg_memory``) keep the order of ``all_rows``."""
+    """The rows ``--only`` names (``fnmatch`` patterns or prefixes: ``vit_b16/*``, ``loss20``, ``vitg_memory``), in the
+    order of ``all_rows``."""
     rows = all_rows()
     if not only:
         return rows
@@ -327,7 +328,8 @@ def token_merging_method() -> str:
 
     found = [m for m in TOKEN_REDUCTIONS if "tome" in m.lower() or "merg" in m.lower()]
     if not found:
-        raise NotMeasured(f"backbones.token_merging registers no token reduction named like tome/merge: {sorted(TOKEN_REDUCTIONS)}")
+        raise NotMeasured("backbones.token_merging registers no token reduction named like tome/merge: "
+                          f"{sorted(TOKEN_REDUCTIONS)}")
     return found[0]
 
 
@@ -410,7 +412,8 @@ def count_flops(model: Model, x: Any, y: Any) -> tuple[float, float | None]:
 
 
 def timed(ctx: Context, fn: Callable[[], None], *, warmup: int, target_s: float, max_steps: int) -> dict[str, float]:
-    """Seconds per call after ``warmup`` calls (the first timed apart: compilation), over enough calls for ``target_s``."""
+    """Seconds per call after ``warmup`` calls (the first timed apart: compilation), over enough calls for
+    ``target_s``."""
     ctx.sync()
     t = time.perf_counter()
     fn()
@@ -591,7 +594,8 @@ def run_outputs(ctx: Context, row: Row) -> dict[str, Any]:
 # task -> (task module with main(), config, GPU overrides, dry-run overrides); the GPU runs write smaller built-in
 # data sets than the configs' (20 steps need no more, and a fresh machine writes them first)
 LOSS_RUNS: dict[str, tuple[str, str, list[str], list[str]]] = {
-    "classification": ("tasks.classification", "configs/vit_small_patch16.yaml", ["--data.synthetic_train_per_class=64"], [
+    "classification": ("tasks.classification", "configs/vit_small_patch16.yaml", [
+        "--data.synthetic_train_per_class=64"], [
         "--model.backbone_kwargs={img_size: 32, depth: 1, embed_dim: 48, num_heads: 2}", "--data.image_size=32",
         "--data.batch_size=4", "--data.synthetic_train_per_class=4", "--data.num_workers=0"]),
     "segmentation": ("tasks.segmentation", "configs/segformer_b0.yaml", [
@@ -654,7 +658,8 @@ def run_loss20(ctx: Context, row: Row) -> dict[str, Any]:
     losses = {p: fit_losses(ctx, row.bench, p, steps) for p in ("32-true", "bf16-mixed")}
     final = {p: v[-1] for p, v in losses.items()}
     relative = abs(final["bf16-mixed"] - final["32-true"]) / abs(final["32-true"])
-    return {"title": f"{row.bench}: training loss after {steps} steps on the built-in data ({LOSS_RUNS[row.bench][1]}), "
+    config = LOSS_RUNS[row.bench][1]
+    return {"title": f"{row.bench}: training loss after {steps} steps on the built-in data ({config}), "
                      "bf16-mixed vs 32-true, same seed", "steps": steps, "losses": losses, "final": final,
             "relative_difference": relative, "pass": relative <= 0.02}
 
@@ -786,8 +791,8 @@ def run_vitg_memory(ctx: Context, row: Row) -> dict[str, Any]:
                  f"checkpointing + bf16-mixed, one GPU, {size}²: the largest batch that fits",
         "notes": ["one GPU: FSDP degenerates to one shard (every process holds the whole model; the sharding only adds "
                   "its all-gather copies), so the state is README's DDP column without DDP's buckets",
-                  f"batch searched by doubling from {1 if ctx.dry_run else 8} up to {cap}, then bisection to a multiple "
-                  f"of {granularity}; an out-of-memory step rebuilds the model"],
+                  f"batch searched by doubling from {1 if ctx.dry_run else 8} up to {cap}, then bisection to a "
+                  f"multiple of {granularity}; an out-of-memory step rebuilds the model"],
         "parameters": params, "largest_batch": lo, "first_failure": hi, "batch_cap": cap, "peak_gib": final["peak_gib"],
         "step_s": final["step_s"], "images_per_s": lo / final["step_s"] if final["step_s"] else None,
         "measured_mib_per_image": per_image, "readme_mib_per_image": README_VITG["checkpointed_mib_per_image"],
@@ -936,7 +941,9 @@ def log_tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def run_workers(args: argparse.Namespace, rows: list[Row], out: Path, deadline: float) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_workers(
+    args: argparse.Namespace, rows: list[Row], out: Path, deadline: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run ``rows`` in worker processes; a crash or a row over its time limit costs that row, a fresh worker goes on."""
     pending = [r.id for r in rows]
     limits = {r.id: r.timeout_s for r in rows}
@@ -1041,7 +1048,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# GPU benchmark{' (dry run)' if report['dry_run'] else ''}",
         "",
         f"`{report['command']}` on {gpu}"
-        + (f" ({_fmt(env.get('gpu_memory_gib'))} GiB, compute capability {env.get('capability')})" if env.get("gpu") else "")
+        + (f" ({_fmt(env.get('gpu_memory_gib'))} GiB, compute capability {env.get('capability')})"
+           if env.get("gpu") else "")
         + f"; driver {report['nvidia_smi'].get('driver', '–')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}; "
         f"{packages}; Python {report['python']}; commit {report['commit']}; {report['date']}.",
         f"MFU against {_fmt(env.get('peak_tflops'))} TFLOP/s dense bf16 ({env.get('peak_source')}). Time limit "
@@ -1092,7 +1100,8 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         others += [r["title"], ""]
         if row["kind"] == "outputs":
-            others += ["| case | quantity | ours' error | reference's error | bound | within |", "|---|---|---|---|---|---|"]
+            others += ["| case | quantity | ours' error | reference's error | bound | within |",
+                       "|---|---|---|---|---|---|"]
             others += [f"| {c['case']} | {c['quantity']} | {c['error']:.3g} | {c['reference_error']:.3g} | "
                        f"{c['bound']:.3g} | {'yes' if c['error'] <= c['bound'] else 'NO'} |" for c in r["checks"]]
         elif row["kind"] == "loss20":
@@ -1197,7 +1206,8 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out.resolve()  # the workers run from the repository root
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    print(f"benchmarks.gpu: {len(rows)} rows, {args.time_limit:.0f} s{' (dry run on the CPU)' if args.dry_run else ''}; "
+    dry = " (dry run on the CPU)" if args.dry_run else ""
+    print(f"benchmarks.gpu: {len(rows)} rows, {args.time_limit:.0f} s{dry}; "
           f"results in {out}", flush=True)
     results, env = run_workers(args, rows, out, start + args.time_limit)
     command = "python -m benchmarks.gpu " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -57,7 +57,8 @@ def segformer_pair(tmp_path: Path, scale: Scale = "tiny", batch: int = 2) -> Pai
     classes, size = (4, 64) if scale == "tiny" else (19, 512)
     reference = perturbed(smp.Segformer(encoder_name="mit_b0", encoder_weights=None, classes=classes))
     torch.save(reference.state_dict(), tmp_path / "smp.pth")
-    ours = SegmentationModule(backbone="mit_b0", num_classes=classes, pretrained=str(tmp_path / "smp.pth"), align_corners=True)
+    ours = SegmentationModule(backbone="mit_b0", num_classes=classes, pretrained=str(tmp_path / "smp.pth"),
+                              align_corners=True)
     return reference, reference, ours, torch.randn(batch, 3, size, size)
 
 
@@ -76,8 +77,8 @@ def unetr_pair(tmp_path: Path, scale: Scale = "tiny", batch: int = 1) -> Pair:
     ))
     torch.save(reference.state_dict(), tmp_path / "unetr.pt")
     ours = MedicalSegmentationModule(
-        backbone="unetr_vit_base", num_classes=classes, feature_size=feature_size, pretrained=str(tmp_path / "unetr.pt"),
-        backbone_kwargs=kwargs,
+        backbone="unetr_vit_base", num_classes=classes, feature_size=feature_size,
+        pretrained=str(tmp_path / "unetr.pt"), backbone_kwargs=kwargs,
     )
     return reference, reference, ours, torch.randn(batch, 1, size, size, size)
 
@@ -98,17 +99,23 @@ def timesformer_pair(tmp_path: Path, scale: Scale = "tiny", batch: int = 2) -> P
     reference = perturbed(transformers.TimesformerForVideoClassification(config))
     reference.save_pretrained(tmp_path / "hf", safe_serialization=True)
     ours = VideoClassificationModule(**ours_kwargs, pretrained=str(tmp_path / "hf" / "model.safetensors"))
-    run = lambda clip: reference(pixel_values=clip.transpose(1, 2)).logits  # takes [B, T, C, H, W]
+
+    def run(clip: torch.Tensor) -> torch.Tensor:  # transformers takes [B, T, C, H, W]
+        return reference(pixel_values=clip.transpose(1, 2)).logits
+
     size = config.image_size
     return reference, run, ours, torch.randn(batch, 3, config.num_frames, size, size)
 
 
 PAIRS: dict[str, Callable[..., Pair]] = {
-    "vit_timm": vit_pair, "segformer_smp": segformer_pair, "unetr_monai": unetr_pair, "timesformer_hf": timesformer_pair,
+    "vit_timm": vit_pair, "segformer_smp": segformer_pair, "unetr_monai": unetr_pair,
+    "timesformer_hf": timesformer_pair,
 }
 
 
-def step(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+def step(
+    run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and the input gradient of a cross-entropy against fixed labels (a training step's backward)."""
     x = x.clone().requires_grad_(True)
     with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
