@@ -173,7 +173,8 @@ class Costs:
             raise ValueError(
                 f"budget {budget.text()} is out of reach: the smallest network of this search space has {small.params} "
                 f"parameters, {small.macs} MACs" + ("" if small.latency_ms is None else
-                                                    f", {small.latency_ms:.3f} ms on this machine, MES {small.mes:.2f}"))
+                                                    f", {small.latency_ms:.3f} ms on this machine, MES {small.mes:.2f} "
+                                                    f"(latency unit {self.mes.latency_unit_ms:.3f} ms)"))
         if window and budget.macs is not None:
             large = self(self.net.extreme_subnet(largest=True), measure=False)
             if large.macs < budget.macs_floor:

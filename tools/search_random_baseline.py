@@ -4,8 +4,8 @@ Two figures: the hold-out top-1 of ``--samples`` random sub-networks (genes draw
 initial population is), whose spread says whether the hold-out separates candidates at all; and the validation top-1
 of the found network against the median of ``--matches`` random sub-networks whose Mobile Efficiency Score lies within
 ``--tolerance`` of the found one's (the same cost, chosen blindly). Every network is scored as the search scores it
-(extracted, BatchNorm statistics re-estimated on the same calibration batches). The latency table and MES unit are the
-search's (``<search_dir>/latency_table.json``, re-timed if it came from another machine).
+(extracted, BatchNorm statistics re-estimated on the same calibration batches). The latency table and MES constants
+are the search's (``<search_dir>/latency_table.json``, re-timed if it came from another machine, and ``state.json``).
 
     python tools/search_random_baseline.py --ckpt_path runs/checkpoints/last.ckpt \\
         --search_dir search/efficientformerv2_cpu --supernet efficientformerv2_supernet_s
@@ -57,7 +57,8 @@ def main() -> None:
     checkpoint = load_supernet(args.ckpt_path, args.supernet)
     net, data_hparams = checkpoint.supernet, dict(checkpoint.data_hparams)
     table = LatencyTable(net, args.search_dir / "latency_table.json")
-    costs = Costs(net, table, MobileEfficiency())
+    state = json.loads((args.search_dir / "state.json").read_text())["settings"]
+    costs = Costs(net, table, MobileEfficiency(**(state.get("mes") or {})))  # the search's constants and unit
     calibration = calibration_batches(data_hparams, args.holdout_per_class, args.calibration_batches, args.batch_size)
     holdout = Fitness(checkpoint.network, holdout_batches(data_hparams, args.holdout_per_class, args.batch_size),
                       calibration)
