@@ -96,7 +96,7 @@ def pareto_figure(candidates: Sequence[Candidate], found: Candidate, round_name:
                                         if getattr(budget, k) is not None}
     panels.sort(key=lambda panel: panel[0] not in bounds)
     chosen = [c for c in candidates if c.chosen]
-    fig = Figure(figsize=(5.5 * len(panels), 4.5))
+    fig = Figure(figsize=(5.5 * len(panels), 4.5), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (key, label, scale) in zip(axes, panels):
         xs, ys = [getattr(c, key) / scale for c in candidates], [c.top1 for c in candidates]
