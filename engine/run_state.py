@@ -11,7 +11,7 @@ hand-built ``Trainer`` get them alike:
 - ``MidEpochResume``: the epoch's training accumulators (loss and metrics) go into each mid-epoch checkpoint,
   and a fit resumed from one makes the training loader skip the batches already trained on and puts the
   accumulators back;
-- ``Preemption``: SIGUSR1 acted on at the next step boundary (SIGTERM is Lightning's; ``LastCheckpoint`` saves).
+- ``Preemption``: SIGTERM and SIGUSR1 acted on where a checkpoint holds whole steps and validations.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any
 import lightning as L
 import torch
 from torchmetrics import Metric
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from datamodules.sampling import ResumableDataLoader, derive_seed, seed_global_rngs
 
@@ -107,34 +109,65 @@ class MidEpochResume(L.Callback):
 
 
 class Preemption(L.Callback):
-    """Act on SIGUSR1, which SLURM sends ahead of a time limit (``#SBATCH --signal=USR1@120``), at the next step
-    boundary rather than mid-step: the handler already installed (Lightning's SLURM auto-requeue, which saves an
-    ``hpc_ckpt_<n>.ckpt`` and requeues the job) then runs between steps, so its checkpoint holds whole steps; without
-    one (SIGUSR1 would kill the process) the signal is taken as SIGTERM. SIGTERM itself is Lightning's: the loop
-    stops at the end of the step (``SIGTERMException``), ``LastCheckpoint`` saves ``last.ckpt`` there and the CLI
-    exits with a requeue status (``engine.cli.PREEMPTED_EXIT_CODE``)."""
+    """Act on SIGTERM (a scheduler preempting the job) and SIGUSR1 (SLURM's warning ahead of a time limit,
+    ``#SBATCH --signal=USR1@120``) at the next boundary where a checkpoint holds whole work: the end of a training
+    step, or, when the step is followed by a validation, the end of that validation, or at the epoch's last step the
+    end of the epoch (so no validation or epoch-end metric is lost). There the handler Lightning installed runs:
+
+    - SIGTERM: Lightning's, whose loop then stops (``SIGTERMException``); ``LastCheckpoint`` saves ``last.ckpt``
+      and the CLI exits with a requeue status (``engine.cli.PREEMPTED_EXIT_CODE``);
+    - SIGUSR1: Lightning's SLURM auto-requeue when it installed one (saves ``hpc_ckpt_<n>.ckpt``, requeues the job,
+      and the run goes on until SLURM stops it), else it is taken as SIGTERM.
+
+    Under DDP Lightning stops every rank when rank 0 got the signal (it broadcasts rank 0's decision each step)."""
 
     def __init__(self) -> None:
         self._pending: int | None = None
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after Lightning registered its handlers (Trainer._run), which it puts back when the run ends
-        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
-            self._previous = signal.getsignal(signal.SIGUSR1)
-            signal.signal(signal.SIGUSR1, self._defer)
+        # after Lightning registered its handlers (Trainer._run); it puts back the ones from before when the run ends
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in ("SIGTERM", "SIGUSR1"):
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._defer)
 
     def _defer(self, signum: int, frame: Any) -> None:
-        self._pending = signum
+        if self._pending != signal.SIGTERM:  # a SIGTERM is not downgraded by a later SIGUSR1
+            self._pending = signum
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def _deliver(self) -> None:
         signum, self._pending = self._pending, None
         if signum is None:
             return
-        if callable(self._previous):
-            self._previous(signum, None)
-        else:
-            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: the loop stops at the end of this step
+        handler = self._previous.get(signum)
+        if signum != signal.SIGTERM and not callable(handler):  # SIGUSR1 with no scheduler handler: stop
+            signum, handler = signal.SIGTERM, self._previous.get(signal.SIGTERM)
+        if callable(handler):
+            handler(signum, None)
+        elif signum == signal.SIGTERM:
+            raise SIGTERMException  # no Lightning handler to stop the loop: stop it here
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        last = batch_idx + 1 >= trainer.num_training_batches
+        every = trainer.val_check_batch
+        validates = isinstance(every, int) and every > 0 and (batch_idx + 1) % every == 0
+        if not (last or validates):
+            self._deliver()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._deliver()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._deliver()  # Lightning stops after the epoch-end hooks, LastCheckpoint's save included
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._deliver()  # too late to stop anything; a SLURM handler still requeues
 
 
 def run_state_callbacks() -> list[L.Callback]:

@@ -33,12 +33,18 @@ class NanInputAtStep(L.Callback):
 
 
 class SignalAtStep(L.Callback):
-    """Send this process ``signum`` (a name: ``SIGTERM``, ``SIGUSR1``) right after optimizer step ``step``, as a
-    scheduler preempting the job would."""
+    """Send this process ``signum`` (a name: ``SIGTERM``, ``SIGUSR1``) right after optimizer step ``step`` (or, with
+    ``in_validation``, after the first batch of the validation that follows it), as a scheduler preempting the job
+    would."""
 
-    def __init__(self, step: int, signum: str = "SIGTERM") -> None:
-        self.step, self.signum = step, getattr(signal, signum)
+    def __init__(self, step: int, signum: str = "SIGTERM", in_validation: bool = False) -> None:
+        self.step, self.signum, self.in_validation = step, getattr(signal, signum), in_validation
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and not self.in_validation:
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.global_step == self.step and self.in_validation and not trainer.sanity_checking and batch_idx == 0:
             os.kill(os.getpid(), self.signum)

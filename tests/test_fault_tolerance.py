@@ -110,6 +110,24 @@ def test_slurm_auto_requeue_checkpoint_resumes_exactly(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")  # as the uninterrupted run's process: the same sums in the same order
+def test_sigterm_during_validation_stops_after_the_epoch_end(shapes: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    term = ["--trainer.callbacks+=tests.fault_injection.SignalAtStep", "--trainer.callbacks.step=6",
+            "--trainer.callbacks.in_validation=true"]  # in epoch 1's validation, after its first batch
+    with pytest.raises(SIGTERMException):
+        main([*fit_args(shapes, tmp_path), *term])
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (saved["global_step"], saved["epoch"]) == (6, 2)  # the validation and the epoch end were finished first
+    first = read_metrics(tmp_path)
+    main([*fit_args(shapes, tmp_path), "--ckpt_path=last"])
+    full, rows = read_metrics(uninterrupted), read_metrics(tmp_path)
+    assert first == full[: len(first)] and rows == full[len(first) :] and len(first) == 4  # none lost, none twice
+    a = torch.load(uninterrupted / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sigusr1_without_a_scheduler_handler_stops_like_sigterm(shapes: Path, tmp_path: Path) -> None:
     usr1 = ["--trainer.callbacks+=tests.fault_injection.SignalAtStep", "--trainer.callbacks.step=2",
             "--trainer.callbacks.signum=SIGUSR1"]
