@@ -23,9 +23,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from torchmetrics import Metric
-
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torchmetrics import Metric
 
 from datamodules.sampling import ResumableDataLoader, derive_seed, seed_global_rngs
 
