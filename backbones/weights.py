@@ -14,6 +14,7 @@ Wherever a file is read, a Hub name (``hf-hub:<org>/<repo>``, ``timm:<model>.<ta
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -106,7 +107,8 @@ class LoadReport:
 
 def read_checkpoint(path: str | Path) -> StateDict:
     """Read a state dict from ``.safetensors``, ``.npz`` (numpy, ``allow_pickle=False``: big_vision's flattened
-    Flax trees) or a torch file (``weights_only=True``), unwrapping the usual containers (``state_dict``,
+    Flax trees) or a torch file (``weights_only=True``, plus ``argparse.Namespace``: the DeiT-style training
+    checkpoints of the releases save their ``args``), unwrapping the usual containers (``state_dict``,
     ``model_state``, ``model``, ...) and ``module.`` prefixes. ``path`` may be a Hub name (``hub.py``)."""
     from .hub import resolve_pretrained
 
@@ -123,8 +125,9 @@ def read_checkpoint(path: str | Path) -> StateDict:
 
             with np.load(path, allow_pickle=False) as arrays:
                 obj = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in arrays.files}
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:  # training checkpoints of the papers' releases keep their argparse.Namespace beside the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the loaders raise many types; the user needs the file and the reason
         raise ValueError(
             f"cannot read checkpoint {path}: {type(err).__name__}: {err}. Files are read with "

@@ -223,6 +223,8 @@ PATCH_HEAD = ["patch_head.bias", "patch_head.weight"]  # token labelling's per-p
 
 
 def test_vit_resnas_checkpoint_gives_the_release_logits() -> None:
+    """The release's training checkpoint as main.py writes it (``model``, ``optimizer``, ``lr_scheduler``, ``epoch``,
+    ``args``: an ``argparse.Namespace``, ``model_ema``), read with ``weights_only=True``."""
     from tasks.classification import ClassificationModule
 
     ours = ClassificationModule(

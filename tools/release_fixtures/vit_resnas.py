@@ -6,7 +6,8 @@
 A tiny ``nets/vit_sr_supernet.py`` ``FlexibleDistillVisionTransformerSR`` (as ``flexible_vit_sr_patch14_224_patch_output``
 builds it: no distillation token, the token-labelling ``patch_head``; random initialisation after
 ``torch.manual_seed(0)``, every parameter and BatchNorm statistic then perturbed) is saved as the release's
-``main.py`` saves checkpoints, the state dict under ``model``, with its eval-mode logits for a fixed input; for the
+``main.py`` saves checkpoints (``model``, ``optimizer``, ``lr_scheduler``, ``epoch``, ``args``: its parsed
+``argparse.Namespace``, ``model_ema``), with its eval-mode logits for a fixed input; for the
 searched networks of ``scripts/vit-sr-nas/searched_net/`` (tiny, small, medium: their ``--network-def``, read from the
 scripts) a manifest of every key and shape of the state dict at 224².
 
@@ -68,7 +69,29 @@ def main() -> None:
             logits = model(image)
         np.save(OUT / "input.npy", image.numpy())
         np.save(OUT / "tiny_logits.npy", logits.numpy())
-        torch.save({"model": model.state_dict(), "epoch": 299}, OUT / "tiny_checkpoint.pth.tar")
+        # what main.py saves every epoch (its lines 506-516), built by the release's own functions: its argument
+        # parser, timm's create_optimizer/create_scheduler and ModelEmaV2 as main.py calls them
+        sys.argv = ["main.py"]
+        import main as release_main
+        from timm.optim import create_optimizer
+        from timm.scheduler import create_scheduler
+        from timm.utils import get_state_dict
+
+        run_args = release_main.get_args_parser().parse_args(
+            ["--model", "flexible_vit_sr_patch14_224_patch_output", "--network-def", TINY_DEF, "--epochs", "300"]
+        )
+        optimizer = create_optimizer(run_args, model)
+        lr_scheduler, _ = create_scheduler(run_args, optimizer)
+        model_ema = release_main.ModelEma(model, decay=run_args.model_ema_decay, device=None)
+        checkpoint = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "epoch": 299,
+            "args": run_args,
+        }
+        checkpoint["model_ema"] = get_state_dict(model_ema)
+        torch.save(checkpoint, OUT / "tiny_checkpoint.pth.tar")
         print("tiny_checkpoint.pth.tar", len(model.state_dict()), "tensors")
         manifests = {}
         for ours, script in SEARCHED.items():
