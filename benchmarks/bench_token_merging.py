@@ -4,6 +4,7 @@ trained (dense) and merged with several ``r``, side by side in one process, with
     flock /tmp/vs-bench.lock python -m benchmarks.bench_token_merging --results benchmarks/RESULTS.md
     ... --vit-ckpt runs/dense/checkpoints/last.ckpt --dynamicvit-ckpt runs/dynamicvit/checkpoints/last.ckpt
         --video-ckpt ... --unetr-ckpt ...   (checkpoints of the configs below; missing ones are trained first)
+    ... --train-merged 1   (also train ViT-S with token_merging 1: the paper's training with merging)
     ... --quick   (2 training steps and 2 validation batches per run: checks the script, not a figure)
 
 Runs: ViT-S/16 of ``configs/vit_small_patch16.yaml`` (the README's main command; DynamicViT from
@@ -154,6 +155,10 @@ def bench_run(run: Run, args, work: Path) -> str:
         dvit = Run(run.name, "classification", "configs/dynamicvit_vit_small_cpu.yaml", run.metric, run.batch, [])
         metrics["DynamicViT rho 0.7"], models["DynamicViT rho 0.7"] = validate(
             dvit, dynamicvit, work / "dynamicvit_val", args.quick, None, ["--model.teacher_pretrained", ckpt])
+    if key == "vit" and args.train_merged:  # the paper's second setting: trained with merging, evaluated with it
+        name = f"trained with r {args.train_merged}"
+        merged_ckpt = fit(run, work / "vit_merged", args.quick, ["--model.token_merging", str(args.train_merged)])
+        metrics[name], models[name] = validate(run, merged_ckpt, work / "vit_merged_val", args.quick, args.train_merged)
     torch.manual_seed(0)
     x = torch.randn(run.batch)
     loss, y = loss_of(run.task, run.classes, run.batch)
@@ -189,13 +194,14 @@ def plot(runs: list[Run], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
     for ax, run in zip(axes[0], runs):
-        merged = [r for r in run.rows if not r["setting"].startswith("DynamicViT")]
+        merged = [r for r in run.rows if r["setting"] == "dense" or r["setting"].startswith("r ")]
         ax.plot([r["speed"] for r in merged], [r["metric"] for r in merged], "o-", label="ToMe (no retraining)")
         for r in run.rows:
             ax.annotate(r["setting"], (r["speed"], r["metric"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        others = [r for r in run.rows if r["setting"].startswith("DynamicViT")]
-        if others:
-            ax.plot([r["speed"] for r in others], [r["metric"] for r in others], "s", label="DynamicViT (trained)")
+        for kind, marker in (("DynamicViT", "s"), ("trained with", "^")):
+            others = [r for r in run.rows if r["setting"].startswith(kind)]
+            if others:
+                ax.plot([r["speed"] for r in others], [r["metric"] for r in others], marker, label=others[0]["setting"])
         ax.set(title=run.name, xlabel="inference speed vs dense", ylabel=run.metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -209,6 +215,8 @@ def main() -> None:
     for key, run in RUNS.items():
         parser.add_argument(f"--{key}-ckpt", default=None, help=f"checkpoint of {run.config} (trained when missing)")
     parser.add_argument("--dynamicvit-ckpt", default=None, help="checkpoint of configs/dynamicvit_vit_small_cpu.yaml")
+    parser.add_argument("--train-merged", type=int, default=None, metavar="R",
+                        help="also train the ViT-S run with token_merging R (the paper's training with merging)")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     parser.add_argument("--work", type=Path, default=Path("runs/bench_token_merging"), help="where trained runs go")
     parser.add_argument("--plot", type=Path, default=Path("benchmarks/token_merging.png"))
