@@ -16,11 +16,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tasks.classification import ClassificationModule
-from tasks.medical import MedicalSegmentationModule
-from tasks.segmentation import SegmentationModule
-from tasks.video import VideoClassificationModule
-
 Scale = Literal["tiny", "full"]
 Pair = tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], torch.nn.Module, torch.Tensor]
 
@@ -34,8 +29,13 @@ def perturbed(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
+# each builder imports its task and reference library itself: a run that needs one pair loads one stack
+
+
 def vit_pair(tmp_path: Path, scale: Scale = "tiny", batch: int = 2) -> Pair:
     import timm
+
+    from tasks.classification import ClassificationModule
 
     if scale == "tiny":
         reference = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5)
@@ -54,6 +54,8 @@ def vit_pair(tmp_path: Path, scale: Scale = "tiny", batch: int = 2) -> Pair:
 def segformer_pair(tmp_path: Path, scale: Scale = "tiny", batch: int = 2) -> Pair:
     import segmentation_models_pytorch as smp
 
+    from tasks.segmentation import SegmentationModule
+
     classes, size = (4, 64) if scale == "tiny" else (19, 512)
     reference = perturbed(smp.Segformer(encoder_name="mit_b0", encoder_weights=None, classes=classes))
     torch.save(reference.state_dict(), tmp_path / "smp.pth")
@@ -64,6 +66,8 @@ def segformer_pair(tmp_path: Path, scale: Scale = "tiny", batch: int = 2) -> Pai
 
 def unetr_pair(tmp_path: Path, scale: Scale = "tiny", batch: int = 1) -> Pair:
     from monai.networks.nets import UNETR
+
+    from tasks.medical import MedicalSegmentationModule
 
     if scale == "tiny":
         size, classes, feature_size, width, mlp, heads = 32, 3, 4, 32, 64, 2
@@ -85,6 +89,8 @@ def unetr_pair(tmp_path: Path, scale: Scale = "tiny", batch: int = 1) -> Pair:
 
 def timesformer_pair(tmp_path: Path, scale: Scale = "tiny", batch: int = 2) -> Pair:
     import transformers
+
+    from tasks.video import VideoClassificationModule
 
     if scale == "tiny":
         config = transformers.TimesformerConfig(
