@@ -76,6 +76,7 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")  # the resume runs here, as the uninterrupted run's process does
 def test_sigterm_saves_at_the_step_and_exits_to_be_requeued_then_resumes_exactly(
     shapes: Path, uninterrupted: Path, tmp_path: Path, synthetic_cache: str
 ) -> None:
@@ -85,7 +86,7 @@ def test_sigterm_saves_at_the_step_and_exits_to_be_requeued_then_resumes_exactly
     assert "resume with --ckpt_path last" in run.stdout
     saved = torch.load(preempted / "checkpoints" / "last.ckpt", weights_only=True)
     assert (saved["global_step"], saved["epoch"]) == (5, 1)  # step 5 itself, 2 of the epoch's 3 batches
-    run_task("classification", [*fit_args(shapes, preempted), "--ckpt_path=last"], cache=synthetic_cache)
+    main([*fit_args(shapes, preempted), "--ckpt_path=last"])  # the requeued job (in this process: quicker)
     assert_same_run(uninterrupted, preempted)
 
 
