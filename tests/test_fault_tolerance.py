@@ -20,6 +20,7 @@ from torch.utils.data import get_worker_info
 
 from datamodules.classification import ClassificationDataModule, ImageFolderDataset
 from datamodules.errors import DiskFullError
+from datamodules.io import atomic_write
 from datamodules.sampling import SeededSamples
 from datamodules.workers import WorkerDiedError
 from engine.checkpointing import AtomicCheckpointIO, LastCheckpoint
@@ -241,6 +242,10 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_folder(
                        r"1\.0 MiB \(1048576 bytes\), .* free"):
         io.save_checkpoint({"step": 2, "w": torch.zeros(2**18)}, path)
     assert os.listdir(folder) == ["last.ckpt"] and io.load_checkpoint(path)["step"] == 1
+    if disk is not None:  # a prediction (any atomic_write) of unknown size: at least what was written
+        with pytest.raises(DiskFullError, match=rf"^{folder}: no space .* predictions\.csv: it needs more than "):
+            atomic_write(folder / "predictions.csv", lambda tmp: Path(tmp).write_bytes(b"x" * 2**20))
+        assert os.listdir(folder) == ["last.ckpt"]
 
 
 def test_a_run_whose_checkpoint_disk_fills_stops_with_the_last_one_intact(
