@@ -40,9 +40,19 @@ from .vit import VisionTransformer
 MergeSchedule = Literal["constant", "decreasing"]
 
 
-def merge_schedule(r: int, depth: int, schedule: MergeSchedule = "constant") -> list[int]:
+def merge_schedule(r: int | Sequence[int], depth: int, schedule: MergeSchedule = "constant") -> list[int]:
     """Units merged in each of ``depth`` blocks: ``r`` in every block (``constant``), or from ``1.5 r`` in the first
-    block down to ``0.5 r`` in the last (``decreasing``, the paper's decreasing schedule: the same total)."""
+    block down to ``0.5 r`` in the last (``decreasing``, the paper's decreasing schedule: the same total); a list
+    gives each block's own count (the blocks after its end merge none)."""
+    counts = [r] if isinstance(r, int) else list(r)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts) or len(counts) > depth:
+        raise ValueError(
+            f"token_merging r must be a whole number of tokens >= 0, or one per block ({depth} at most), got {r!r}"
+        )
+    if not isinstance(r, int):
+        if schedule != "constant":
+            raise ValueError(f"token_merging r given per block ({r}) takes no schedule, got schedule {schedule!r}")
+        return counts + [0] * (depth - len(counts))
     if schedule == "constant" or depth == 1:
         return [r] * depth
     if schedule != "decreasing":
@@ -116,17 +126,18 @@ class TokenMerging(TokenReducer, VisionTransformer):
     """
 
     token_reduction = "token_merging"
-    merge_r: int
+    merge_r: int | tuple[int, ...]
     schedule: MergeSchedule
 
     @classmethod
-    def from_vit(cls, vit: Backbone, *, r: int, schedule: MergeSchedule = "constant") -> TokenMerging:
+    def from_vit(cls, vit: Backbone, *, r: int | Sequence[int], schedule: MergeSchedule = "constant") -> TokenMerging:
         """Make ``vit`` merge tokens, in place: the same object, weights and parameter names, so checkpoints of the
         dense model (ours, timm's, MONAI's UNETR) load as they are, and nothing new to train.
 
         Args:
             vit: a ViT, DeiT, TimeSformer (joint or divided attention) or UNETR encoder.
-            r: units merged per block (``schedule: decreasing``: the mean over blocks); 0 merges none.
+            r: units merged per block (``schedule: decreasing``: the mean over blocks), or a list, one per block;
+                0 merges none.
             schedule: ``constant`` (``r`` in every block) or ``decreasing`` (``1.5 r`` down to ``0.5 r``).
         """
         if type(vit) is not VisionTransformer:
@@ -137,12 +148,10 @@ class TokenMerging(TokenReducer, VisionTransformer):
             )
         if vit.attention == "space_only":
             raise ValueError("token_merging needs joint or divided attention; space_only encodes frames apart")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-            raise ValueError(f"token_merging r must be a whole number of tokens >= 0, got {r!r}")
-        merge_schedule(r, len(vit.blocks), schedule)  # checks the schedule's name
+        merge_schedule(r, len(vit.blocks), schedule)  # checks r and the schedule
         vit.__class__ = cls  # same parameters and methods; only forward_tokens/forward change
         model: TokenMerging = vit  # type: ignore[assignment]
-        model.merge_r, model.schedule = r, schedule
+        model.merge_r, model.schedule = r if isinstance(r, int) else tuple(r), schedule
         model.merge_sizes, model.merge_groups = None, None
         return model
 
@@ -187,7 +196,7 @@ class TokenMerging(TokenReducer, VisionTransformer):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The blocks' outputs in ``out_indices`` on the full grid: merged tokens copied back to their patches."""
-        if torch.onnx.is_in_onnx_export() and self.merge_r:
+        if torch.onnx.is_in_onnx_export() and any(self.merge_counts()):
             raise ValueError(
                 "ONNX export of token merging's unmerged feature maps (segmentation, UNETR) is not supported: the "
                 "exporter loses the decoder's shapes. Export it as torchscript, or without token_merging"
@@ -301,8 +310,11 @@ class _MergeState:
         return F.pad(sizes, (self.prefix, 0), value=1.0)
 
 
-def merge_options(value: int | dict[str, Any]) -> dict[str, Any]:
-    """``reduce_tokens`` options of the task option ``token_merging``: ``r`` or ``{r: .., schedule: ..}``."""
+def merge_options(value: int | list[int] | dict[str, Any]) -> dict[str, Any]:
+    """``reduce_tokens`` options of the task option ``token_merging``: ``r``, ``[r per block]`` or
+    ``{r: .., schedule: ..}``."""
+    if isinstance(value, (list, tuple)):
+        return {"method": "tome", "r": list(value)}
     if isinstance(value, dict):
         unknown = sorted(set(value) - {"r", "schedule"})
         if unknown or "r" not in value:

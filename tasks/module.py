@@ -86,7 +86,8 @@ class TaskModule(L.LightningModule):
             ``{method: dynamicvit, keep_ratio: 0.7}``; the wrapper is built before any weights load. ``None``:
             every token runs through every block.
         token_merging: merge tokens in every block (ToMe, ``backbones.token_merging``; any ViT, DeiT, TimeSformer or
-            UNETR encoder, no training needed): ``r`` tokens per block, or ``{r: .., schedule: constant|decreasing}``;
+            UNETR encoder, no training needed): ``r`` tokens per block, a list of them (one per block), or
+            ``{r: .., schedule: constant|decreasing}``;
             the same as ``token_reduction: {method: tome, r: ..}``. Dense outputs are unmerged to the full grid.
             Settable when evaluating a checkpoint trained without it (``validate --ckpt_path .. --model.token_merging
             8``: the command line's value wins over the checkpoint's).
@@ -131,7 +132,7 @@ class TaskModule(L.LightningModule):
         cpu_kernels: CpuKernels = "off",
         activation_checkpointing: bool = False,
         token_reduction: dict[str, Any] | None = None,
-        token_merging: int | dict[str, Any] | None = None,
+        token_merging: int | list[int] | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # the subclass's arguments too (``build_head`` and ``build_metrics`` read them); the class names are kept in

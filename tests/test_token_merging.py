@@ -128,15 +128,15 @@ def reference_merge(tokens, sizes, keys, p, r):
     return new_tokens, new_sizes
 
 
-@pytest.mark.parametrize(("case", "schedule"), [("vit", "constant"), ("deit", "decreasing")])
-def test_merged_forward_equals_a_reference_written_as_loops(case: str, schedule: str) -> None:
+@pytest.mark.parametrize(("case", "r", "schedule"), [("vit", 3, "constant"), ("deit", 3, "decreasing"), ("vit", (5, 0, 2), "constant")])
+def test_merged_forward_equals_a_reference_written_as_loops(case: str, r, schedule: str) -> None:
     name, kwargs, shape = CASES[case]
     _, merging = pair(name, **{**kwargs, "img_size": 16})  # 16 patch tokens: the loops stay quick
-    merging.merge_r, merging.schedule = 3, schedule
+    merging.merge_r, merging.schedule = r, schedule
     x = torch.randn(2, *shape[1:-2], 16, 16)
     with torch.no_grad():
         ours = merging.forward_tokens(x)
-        reference = reference_tokens(merging, x, merge_schedule(3, len(merging.blocks), schedule))
+        reference = reference_tokens(merging, x, merge_schedule(r, len(merging.blocks), schedule))
     assert ours.shape[1] == reference[0].shape[0] < 16
     for b in range(2):
         torch.testing.assert_close(ours[b], reference[b], atol=1e-5, rtol=1e-5)
@@ -220,6 +220,8 @@ def test_predict_writes_merge_maps(tmp_path: Path) -> None:
         ({"token_merging": -1}, "whole number of tokens >= 0"),
         ({"token_merging": {"r": 4, "schedule": "increasing"}}, "schedule must be 'constant' or 'decreasing'"),
         ({"token_merging": {"ratio": 0.5}}, r"token_merging takes r or \{r: .., schedule"),
+        ({"token_merging": [1, 1, 1, 1, 1]}, r"or one per block \(4 at most\)"),
+        ({"token_merging": {"r": [1, 2], "schedule": "decreasing"}}, "r given per block .* takes no schedule"),
         ({"pretrained_lr_mult": 0.1}, "adds no module to the pretrained network"),
     ],
 )
