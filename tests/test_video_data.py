@@ -98,6 +98,7 @@ def test_only_sampled_frames_are_decoded(video_root: Path, tmp_path: Path, monke
     train = write(tmp_path / "train.txt", "left/left_0.mp4 0\n")
     dm = VideoDataModule(str(video_root), train_list=str(train), val_list=str(train), **SMALL)
     dm.setup("fit")
+    requested.clear()  # the up-front check (check_files: full) decoded every frame; a sample reads its own only
     sample = dm.datasets["train"][0]
     assert sample["input"].shape == (3, 4, 32, 32) and sample["target"] == 0
     assert len(requested) == 1 and len(requested[0]) == 4 and np.all(np.diff(requested[0]) == 2)
@@ -126,8 +127,8 @@ def truncated_copy(video_root: Path, tmp_path: Path) -> Path:
 def test_truncated_mp4_is_skipped_with_one_warning(video_root: Path, tmp_path: Path) -> None:
     broken = truncated_copy(video_root, tmp_path)
     listing = write(tmp_path / "train.txt", f"left/left_0.mp4 0\n{broken} 0\nright/right_0.mp4 1\n")
-    dm = VideoDataModule(str(video_root), train_list=str(listing), val_list=str(listing), **SMALL)
-    dm.setup("fit")
+    dm = VideoDataModule(str(video_root), train_list=str(listing), val_list=str(listing), check_files="none", **SMALL)
+    dm.setup("fit")  # not checked up front: found when read
     dataset = dm.datasets["train"]
     with pytest.warns(SkippedClipWarning, match=r"broken\.mp4 \(listed at .*train\.txt:2\)"):
         item = dataset[1]
@@ -144,8 +145,9 @@ def test_truncated_mp4_is_skipped_with_one_warning(video_root: Path, tmp_path: P
 def test_loader_workers_drop_skipped_clips(video_root: Path, tmp_path: Path) -> None:
     broken = truncated_copy(video_root, tmp_path)
     listing = write(tmp_path / "train.txt", f"{broken} 0\nleft/left_0.mp4 0\nright/right_0.mp4 1\nleft/left_1.mp4 0\n")
-    dm = VideoDataModule(str(video_root), train_list=str(listing), val_list=str(listing), **{**SMALL, "num_workers": 2})
-    dm.setup("validate")
+    dm = VideoDataModule(str(video_root), train_list=str(listing), val_list=str(listing), check_files="none",
+                         **{**SMALL, "num_workers": 2})
+    dm.setup("validate")  # not checked up front: found when read
     batches = list(dm.val_dataloader())
     assert sum(len(b["skipped"]) for b in batches) == 1
     assert sorted(i for b in batches for i in b["index"].tolist()) == [1, 2, 3]
