@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
+from torch import nn
 
 from .base import Backbone
 from .layers import Attention, Block, run_checkpointed
@@ -169,6 +170,11 @@ class TokenMerging(TokenReducer, VisionTransformer):
         if groups is None:
             groups = torch.arange(self._units(grid), device=x.device).expand(x.shape[0], -1)
         return [groups.reshape(groups.shape[0], *grid)]
+
+    def sharding_units(self) -> list[nn.Module]:
+        """None: the merging blocks call their attention and MLP themselves, not through the blocks' ``forward`` that
+        FSDP's per-unit gathering hooks, so FSDP shards the model as one unit, gathered around each step."""
+        return []
 
     # --- merging --------------------------------------------------------------------------------------------
 
