@@ -30,6 +30,7 @@ from .evolution import EvolutionSearch, EvolutionSettings
 from .holdout import HoldoutSettings, calibration_batches, check_holdout_unseen, holdout_batches
 from .latency import LatencySettings, LatencyTable
 from .mes import MESPruning, PruningSettings
+from engine.version import __version__
 from .network import Fitness, load_supernet
 from .results import Candidate, write_candidates, write_found, write_plot
 
@@ -131,6 +132,7 @@ def build_parser() -> Any:
 
     parser = ArgumentParser(prog="python -m tasks.search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--version", action="version", version=f"vision-suite {__version__}")
     parser.add_function_arguments(search)
     return parser
 

@@ -32,6 +32,14 @@ def test_task_prints_version(task: str, where: list[str]) -> None:
     assert out.getvalue().strip() == f"vision-suite {PROJECT_VERSION}"
 
 
+def test_search_prints_version() -> None:
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as exited, contextlib.redirect_stdout(out):
+        importlib.import_module("search.run").main(["--version"])
+    assert exited.value.code in (0, None)
+    assert out.getvalue().strip() == f"vision-suite {PROJECT_VERSION}"
+
+
 def test_changelog_has_a_section_for_the_version() -> None:
     """Keep a Changelog: ``## [Unreleased]`` on top, then ``## [X.Y.Z] - YYYY-MM-DD`` per release, newest first."""
     text = (ROOT / "CHANGELOG.md").read_text()
