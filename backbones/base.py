@@ -280,6 +280,18 @@ class Reduction:
     config: Any
 
 
+def changed_config(config: dict[str, list], field: str, stage: int, block: int | None, value: Any) -> dict[str, list]:
+    """A copy of the sub-network ``config`` (per-stage lists, or per-stage lists of per-block values) with
+    ``config[field][stage]`` (``block`` None) or ``config[field][stage][block]`` set to ``value``: the step of a
+    ``Reduction``."""
+    new = {key: [list(row) if isinstance(row, list) else row for row in rows] for key, rows in config.items()}
+    if block is None:
+        new[field][stage] = value
+    else:
+        new[field][stage][block] = value
+    return new
+
+
 class SubnetSpace(Protocol):
     """What a super-network's search space answers (``Supernet.space``); configs are plain lists and numbers."""
 

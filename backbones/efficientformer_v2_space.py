@@ -10,15 +10,15 @@ A sub-network is a plain dict (YAML- and JSON-friendly)::
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
-from .base import Gene, Reduction
+from .base import Gene, Reduction, changed_config
 from .layers import to_tuple
 
 SubnetConfig = dict[str, Any]
@@ -143,14 +143,7 @@ class EfficientFormerV2Space:
         """Every one-step reduction of ``config``: narrow a stage by ``WIDTH_STEP``, drop a removable block, lower a
         kept block's expansion ratio to the next choice."""
         config = self.check(config)
-
-        def changed(field: str, s: int, j: int | None, value: Any) -> SubnetConfig:
-            new = json.loads(json.dumps(config))
-            if j is None:
-                new[field][s] = value
-            else:
-                new[field][s][j] = value
-            return new
+        changed = partial(changed_config, config)
 
         found = []
         for s, width in enumerate(config["embed_dims"]):

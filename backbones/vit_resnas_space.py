@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from .base import Reduction
+from .base import Reduction, changed_config
 from .layers import to_tuple
 
 SubnetConfig = dict[str, Any]
@@ -123,14 +124,7 @@ class SearchSpace:
         with the next fewer heads, or with the next smaller MLP."""
         self.encode(config)
         config = normalised(config)
-
-        def changed(field: str, s: int, j: int | None, value: Any) -> SubnetConfig:
-            new = normalised(config)
-            if j is None:
-                new[field][s] = value
-            else:
-                new[field][s][j] = value
-            return new
+        changed = partial(changed_config, config)
 
         found = []
         for s, width in enumerate(config["embed_dims"]):
