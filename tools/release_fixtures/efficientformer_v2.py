@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from random_weights import randomise  # this folder's (python tools/release_fixtures/<name>.py)
 
 OUT = Path(__file__).resolve().parents[2] / "tests/data/releases/efficientformer_v2"
 TINY = {"layers": [1, 1, 2, 2], "embed_dims": [8, 16, 24, 32], "downsamples": [True] * 5, "vit_num": 1,
@@ -50,14 +51,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = release.EfficientFormerV2(**TINY)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.add_(torch.randn_like(b) * 0.2)
-            elif name.endswith("running_var"):
-                b.mul_(torch.rand_like(b) + 0.5)
+    randomise(model)
     model.eval()
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from random_weights import randomise  # this folder's (python tools/release_fixtures/<name>.py)
 from torch import nn
 
 OUT = Path(__file__).resolve().parents[2] / "tests/data/releases/segformer"
@@ -80,14 +81,7 @@ def main() -> None:
         decode_head=head_cfg(TINY["embed_dims"], embed_dim=16, num_classes=5, channels=16),
         test_cfg={"mode": "whole"},
     )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.add_(torch.randn_like(b) * 0.2)
-            elif name.endswith("running_var"):
-                b.mul_(torch.rand_like(b) + 0.5)
+    randomise(model)
     model.eval()
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from random_weights import randomise  # this folder's (python tools/release_fixtures/<name>.py)
 
 OUT = Path(__file__).resolve().parents[2] / "tests/data/releases/vit_resnas"
 # (4, C): the conv stem; (1, (C, heads, head_dim), (C, mlp_hidden), 1): a block; (3, C_in, C_out): a spatial
@@ -55,14 +56,7 @@ def main() -> None:
         model = flexible_vit_sr_patch14_224_patch_output(
             img_size=112, num_classes=5, network_def=ast.literal_eval(TINY_DEF)
         )
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.2)
-            for name, b in model.named_buffers():
-                if name.endswith("running_mean"):
-                    b.add_(torch.randn_like(b) * 0.2)
-                elif name.endswith("running_var"):
-                    b.mul_(torch.rand_like(b) + 0.5)
+        randomise(model)
         model.eval()
         image = torch.randn(2, 3, 112, 112)
         with torch.no_grad():
