@@ -12,12 +12,12 @@ images), 8 × 224² clips for TimeSformer, the 96³ window of UNETR. A super-net
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import sys
 from pathlib import Path
 
 import torch
+from doc_block import print_or_check  # tools/doc_block.py
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,20 +67,7 @@ def table() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="compare with docs/backbones.md instead of printing")
-    args = parser.parse_args()
-    text = table()
-    if not args.check:
-        print(text)
-        return 0
-    page = DOC.read_text()
-    current = page.split(BEGIN, 1)[1].split(END, 1)[0].strip() if BEGIN in page else ""
-    if current != text:
-        print(f"{DOC} is out of date: run python tools/backbone_table.py and paste its table", file=sys.stderr)
-        return 1
-    return 0
-
+    return print_or_check(__doc__.split("\n")[0], DOC, BEGIN, END, table, "table")
 
 if __name__ == "__main__":
     sys.exit(main())

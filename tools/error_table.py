@@ -8,10 +8,11 @@ package and file.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import sys
 from pathlib import Path
+
+from doc_block import print_or_check  # tools/doc_block.py
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("datamodules", "backbones", "heads", "engine", "search", "tasks")
@@ -65,19 +66,7 @@ def listing() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="compare with docs/troubleshooting.md instead of printing")
-    text = listing()
-    if not parser.parse_args().check:
-        print(text)
-        return 0
-    page = DOC.read_text()
-    current = page.split(BEGIN, 1)[1].split(END, 1)[0].strip() if BEGIN in page else ""
-    if current != text:
-        print(f"{DOC} is out of date: run python tools/error_table.py and paste its listing", file=sys.stderr)
-        return 1
-    return 0
-
+    return print_or_check(__doc__.split("\n")[0], DOC, BEGIN, END, listing, "listing")
 
 if __name__ == "__main__":
     sys.exit(main())
