@@ -174,12 +174,12 @@ def resolve_last(last_dir: str | Path) -> Path | None:
     sound ``*.ckpt`` beside it, with a warning naming both (``None`` when the folder holds no checkpoint).
     Raises a ``CheckpointError`` when ``last.ckpt`` is damaged and nothing else there is sound."""
     last = Path(last_dir) / "last.ckpt"
-    others = sorted((p for p in Path(last_dir).glob("*.ckpt") if p != last), key=lambda p: p.stat().st_mtime, reverse=True)
     if not last.is_file():
         return None
     damage = checkpoint_damage(last)
     if damage is None:
         return last
+    others = sorted((p for p in Path(last_dir).glob("*.ckpt") if p != last), key=lambda p: p.stat().st_mtime, reverse=True)
     for other in others:
         if checkpoint_damage(other) is None:
             rank_zero_warn(f"{last} is unreadable ({damage}); resuming from {other}, the newest readable checkpoint there")
