@@ -159,8 +159,9 @@ class MedicalDataModule(TaskDataModule):
     def write_prediction(self, row: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         """Write a predicted ``label`` volume ``[1, D, H, W]`` (on the grid of ``affine``) as ``<input name>.nii.gz``,
         resampled back onto the input file's own grid (``original_affine``, ``original_shape``) with its header's
-        codes. The row is rewritten in place to the CSV's columns (the classes found named by this data), so
-        predictions the trainer keeps hold the file path, not the volume."""
+        codes. The row is rewritten in place to the CSV's columns (the classes found named by this data; the
+        ``token_map`` file where predict drew one), so predictions the trainer keeps hold the file path, not the
+        volume."""
         if "label" not in row:
             return row
         source = Path(row["path"])
@@ -169,6 +170,8 @@ class MedicalDataModule(TaskDataModule):
         path = write_nifti_labels(Path(output_dir) / source.name, original, affine, like=source)
         found = " ".join(self.class_name(int(c)) for c in np.unique(original) if c > 0)
         written = {"index": row["index"], "path": str(source), "prediction": str(path), "classes_found": found}
+        if "token_map" in row:  # save_token_maps
+            written["token_map"] = row["token_map"]
         row.clear()
         row.update(written)
         return row

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,8 +68,9 @@ class ClassificationModule(TaskModule):
             head) relative to ``lr``, which the new prediction modules take (the release: 0.01).
         pretrained_frozen_epochs: with ``token_pruning`` (or a ``token_reduction``), the first epochs during which the pretrained network
             stays fixed and only the prediction modules learn (the release: 5).
-        save_token_maps: with ``token_pruning``, ``predict`` also writes each image's kept-token maps (one panel per
-            stage) as ``<output_dir>/token_maps/<index>_<name>.png`` and names the file in the ``token_map`` column.
+        save_token_maps: with ``token_pruning`` (or ``token_merging``, a ``token_reduction``), ``predict`` also writes
+            each image's token maps (the kept tokens, one panel per stage; or the merge groups) as
+            ``<output_dir>/token_maps/<index>_<name>.png`` and names the file in the ``token_map`` column.
         **kwargs: backbone, data link and optimisation recipe of ``TaskModule``.
     """
 
@@ -103,7 +105,8 @@ class ClassificationModule(TaskModule):
         super().__init__(**kwargs)  # builds the backbone (token pruning included), then ``build_head``, then loads weights
         if self.backbone.token_reduction is None and (save_token_maps or pretrained_lr_mult != 1.0 or pretrained_frozen_epochs):
             raise ValueError(
-                "save_token_maps, pretrained_lr_mult and pretrained_frozen_epochs need token_pruning=true (or a token_reduction)"
+                "save_token_maps, pretrained_lr_mult and pretrained_frozen_epochs need token_pruning=true, token_merging "
+                "or a token_reduction"
             )
         if self.backbone.distils_tokens and teacher is not None and teacher.startswith("timm:"):
             raise ValueError(
@@ -259,13 +262,17 @@ class ClassificationModule(TaskModule):
             self._write_token_maps(batch["input"], rows)
         return rows
 
-    def _write_token_maps(self, x: torch.Tensor, rows: list[dict[str, Any]]) -> None:
-        """The backbone's token maps of the last forward pass over ``x``, one PNG per row (named in ``token_map``)."""
-        from engine.token_maps import write_token_maps
+    def _write_token_maps(
+        self, x: torch.Tensor, rows: list[dict[str, Any]], draw: Callable[..., Any] | None = None
+    ) -> None:
+        """The backbone's token maps of the last forward pass over ``x``, one PNG per row (named in ``token_map``),
+        drawn by ``draw`` (default ``engine.token_maps.token_map_image``)."""
+        from engine.token_maps import token_map_image, write_token_maps
 
         names = [f"{row['index']}_{Path(row['path']).stem}" for row in rows]
         out_dir = Path(self.predict_output_dir) / "token_maps"
-        for row, path in zip(rows, write_token_maps(x, self.backbone.token_maps(x), names, out_dir)):
+        paths = write_token_maps(x, self.backbone.token_maps(x), names, out_dir, draw or token_map_image)
+        for row, path in zip(rows, paths):
             row["token_map"] = str(path)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
+from monai.transforms import CenterSpatialCrop, SpatialPad
 from torch import nn
 from torchmetrics import MetricCollection
 
@@ -61,6 +62,11 @@ class MedicalSegmentationModule(TaskModule):
             (float32, classes on the 4th axis, on the preprocessed grid with its affine) for users who need soft
             outputs; this stitches the full ``[num_classes, D, H, W]`` logits (MONAI's way), where the default
             turns each finished region into labels and keeps only the ``uint8`` label volume (same labels).
+        save_token_maps: with ``token_merging`` (or a ``token_reduction``), ``predict`` also draws each volume's merge
+            groups over a few axial slices (``engine.token_maps.volume_token_map_image``) as
+            ``<output_dir>/token_maps/<index>_<name>.png``, named in the ``token_map`` column. The sliding windows each
+            merge on their own, so the groups drawn are those of one extra encoder pass over a window of the sliding
+            window's size at the centre of the volume (zero-padded where the volume is smaller, as the windows are).
         hd_percentile: percentile of the Hausdorff distance (95: HD95).
         channels_last: run the decoder in channels-last memory layout, where oneDNN's 3-D convolutions are
             1.6-4x faster on a CPU; with ``cpu_kernels`` ``on``/``auto`` its blocks are fused (each instance norm and
@@ -89,6 +95,7 @@ class MedicalSegmentationModule(TaskModule):
         sw_mode: Literal["gaussian", "constant"] = "gaussian",
         sw_stitch_on_cpu: bool = False,
         output_probabilities: bool = False,
+        save_token_maps: bool = False,
         hd_percentile: float = 95.0,
         channels_last: bool = True,
         **kwargs: Any,
@@ -100,6 +107,8 @@ class MedicalSegmentationModule(TaskModule):
         if in_channels is not None:
             kwargs["backbone_kwargs"] = {**(kwargs.get("backbone_kwargs") or {}), "in_chans": in_channels}
         super().__init__(**kwargs)
+        if save_token_maps and self.backbone.token_reduction is None:
+            raise ValueError("save_token_maps draws the merge groups of token_merging (or a token_reduction); set one")
         self.loss = DiceCELoss(
             to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce, batch=batch_dice
         )
@@ -226,13 +235,36 @@ class MedicalSegmentationModule(TaskModule):
         else:
             labels = self.sliding_window_labels(batch["input"])[0].cpu()  # [B, 1, D, H, W] uint8, as the file stores
         affine, original_affine = batch["affine"].cpu(), batch["original_affine"].cpu()
-        return [
+        rows = [
             {
                 "index": index, "path": batch["path"][i], "label": labels[i], "affine": affine[i],
                 "original_affine": original_affine[i], "original_shape": batch["original_shape"][i].tolist(),
             }
             for i, index in enumerate(batch["index"].tolist())
         ]
+        if self.hparams.save_token_maps:
+            self._write_token_maps(batch["input"], rows)
+        return rows
+
+    def _write_token_maps(self, x: torch.Tensor, rows: list[dict[str, Any]]) -> None:
+        """The encoder's token maps over the window of ``roi_size`` at the centre of each volume (``save_token_maps``),
+        one PNG per row, named in ``token_map``."""
+        from engine.token_maps import volume_token_map_image, write_token_maps
+
+        volumes = x.flatten(0, 1)  # [B * C, D, H, W]: MONAI's transforms take channels first
+        window = CenterSpatialCrop(self.roi_size)(SpatialPad(self.roi_size, method="symmetric")(volumes))
+        window = window.as_subclass(torch.Tensor).reshape(*x.shape[:2], *self.roi_size)  # a plain tensor, not MONAI's
+        self.backbone(window)  # the maps are those of the last forward pass
+        names = [f"{row['index']}_{nifti_stem(Path(row['path']))}" for row in rows]
+        out_dir = Path(self.predict_output_dir) / "token_maps"
+        maps = self.backbone.token_maps(window)
+        for row, path in zip(rows, write_token_maps(window, maps, names, out_dir, volume_token_map_image)):
+            row["token_map"] = str(path)
+
+
+def nifti_stem(source: Path) -> str:
+    """The file name without ``.nii`` or ``.nii.gz``."""
+    return source.name.removesuffix(".gz").removesuffix(".nii")
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -262,8 +294,8 @@ def write_probabilities(output_dir: Path, source: Path, probabilities: torch.Ten
     img.set_sform(img.affine, code=1)
     img.set_qform(img.affine, code=1)
     payload = gzip.compress(img.to_bytes(), compresslevel=1)
-    stem = source.name.removesuffix(".gz").removesuffix(".nii")
-    return atomic_write(Path(output_dir) / f"{stem}_probabilities.nii.gz", lambda tmp: Path(tmp).write_bytes(payload))
+    path = Path(output_dir) / f"{nifti_stem(source)}_probabilities.nii.gz"
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
 
 
 class MedicalCLI(TaskCLI):

@@ -27,8 +27,10 @@ class VideoClassificationModule(ClassificationModule):
     """Clip classifier: video backbone, pooling head, cross-entropy; test and predict average the
     softmax scores of every view of a video (``[B, V, C, T, H, W]`` batches: clips × crops). Distillation
     from a frozen video teacher, token pruning (``token_pruning``: over all T×N tokens under joint attention, over
-    whole spatial positions across frames under divided attention) and mixup work as in ``ClassificationModule``
-    (cutmix and ``save_token_maps`` do not: they are for images).
+    whole spatial positions across frames under divided attention), token merging and mixup work as in
+    ``ClassificationModule`` (cutmix does not: it is for images). ``save_token_maps`` draws up to 8 evenly spaced
+    frames of each clip with the maps over them (``engine.token_maps.clip_token_map_image``); for multi-view batches,
+    those of the first view, which the model then runs once more on its own.
 
     Args:
         views_per_forward: at most this many clips per forward pass when testing many views (bounds
@@ -43,8 +45,6 @@ class VideoClassificationModule(ClassificationModule):
             raise ValueError(f"{kwargs['backbone']!r} takes images; use a video backbone (e.g. timesformer_base_patch16)")
         if self.hparams.cutmix_alpha > 0:
             raise ValueError("cutmix_alpha is for images; use mixup_alpha for video clips")
-        if self.hparams.save_token_maps:
-            raise ValueError("save_token_maps draws over images; it is not available for video clips")
         self.skipped: dict[str, int] = {"train": 0, "val": 0, "test": 0}
         self.readers: dict[str, Counter[str]] = {"train": Counter(), "val": Counter(), "test": Counter()}
 
@@ -116,7 +116,7 @@ class VideoClassificationModule(ClassificationModule):
         x = batch["input"]
         probs = self.view_log_probs(x).exp() if x.ndim == 6 else self(x).float().softmax(-1)
         top_p, top_i = probs.topk(min(5, self.num_classes), dim=-1)
-        return [
+        rows = [
             {
                 "index": int(i),
                 "path": path,
@@ -125,6 +125,14 @@ class VideoClassificationModule(ClassificationModule):
             }
             for i, path, cls, ps in zip(batch["index"].tolist(), batch["path"], top_i.tolist(), top_p.tolist())
         ]
+        if self.hparams.save_token_maps:
+            from engine.token_maps import clip_token_map_image
+
+            clip = x if x.ndim == 5 else x[:, 0]
+            if x.ndim == 6:
+                self(clip)  # the maps are those of the last forward pass
+            self._write_token_maps(clip, rows, clip_token_map_image)
+        return rows
 
 
 def main(args: Any = None) -> TaskCLI:

@@ -1,12 +1,15 @@
 """Token merging (ToMe, ``backbones/token_merging.py``): r = 0 is the dense model bit for bit; the merged forward equals
 a slow reference written as loops over tokens; dense outputs unmerge to the full grid; divided attention merges the
-same positions in every frame; the task switch works on a checkpoint trained without it, and bad uses are named."""
+same positions in every frame; the task switch works on a checkpoint trained without it; predict draws the merge
+groups over images, clip frames and volume slices; and bad uses are named."""
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cli_runs import write_shapes
@@ -209,6 +212,80 @@ def test_predict_writes_merge_maps(tmp_path: Path) -> None:
         assert picture.height == 32 and picture.width > 2 * 32
         panel = torch.tensor(list(picture.getdata())).view(32, -1, 3)[:, -32:]
     assert len({tuple(c) for c in panel.reshape(-1, 3).tolist()}) > 4  # groups drawn in colours of their own
+
+
+def patch_colours(picture: Image.Image, row: int, column: int, side: int, patch: int) -> torch.Tensor:
+    """The colour at the centre of every patch ``[h, w, 3]`` of one panel of a token-map picture."""
+    pixels = torch.from_numpy(np.asarray(picture.convert("RGB")).copy())
+    step = side + max(2, side // 32)  # panel and gap
+    centres = torch.arange(patch // 2, side, patch)
+    panel = pixels[row * step : row * step + side, column * step : column * step + side]
+    return panel[centres][:, centres]
+
+
+def assert_groups_drawn(colours: torch.Tensor, groups: torch.Tensor, sizes: torch.Tensor) -> None:
+    """Patches of merged groups share a colour exactly when they share a group (``sizes``: patches per group)."""
+    merged = sizes[groups] > 1
+    ids, drawn = groups[merged], colours[merged]
+    assert merged.any() and torch.equal(ids[:, None] == ids[None], (drawn[:, None] == drawn[None]).all(-1))
+
+
+@pytest.mark.parametrize("attention", ["divided", "joint"])
+def test_video_predict_draws_merge_groups_over_the_frames(attention: str, tmp_path: Path) -> None:
+    name, kwargs, _ = CASES["timesformer"]
+    torch.manual_seed(0)
+    module = VideoClassificationModule(backbone=name, backbone_kwargs={**kwargs, "attention": attention}, num_classes=3,
+                                       token_merging=3, save_token_maps=True).eval()
+    module.predict_output_dir = tmp_path
+    clips = torch.randn(2, 3, 4, 32, 32)
+    views = torch.stack([clips, torch.randn_like(clips)], 1)  # [B, V, C, T, H, W]: the first view is drawn
+    batch = {"input": views, "index": torch.tensor([0, 1]), "path": ["a/run.mp4", "b/jump.mp4"]}
+    with torch.no_grad():
+        rows = module.predict_step(batch, 0)
+        module(clips)
+        groups = module.backbone.token_maps(clips)[0][1]  # divided [h, w]; joint [t, h, w]
+    assert [Path(r["token_map"]).name for r in rows] == ["0_run.png", "1_jump.png"]
+    with Image.open(rows[1]["token_map"]) as picture:
+        assert picture.size == (4 * 32 + 3 * 2, 2 * 32 + 2)  # the 4 frames, and below them the same with the groups
+        for t in range(4):
+            cells = groups if attention == "divided" else groups[t]  # the same groups on every frame, or its own
+            assert_groups_drawn(patch_colours(picture, 1, t, 32, 8), cells, torch.bincount(groups.flatten()))
+
+
+def test_medical_predict_draws_the_centre_window_s_groups_on_axial_slices(tmp_path: Path) -> None:
+    from datamodules.medical import MedicalDataModule
+    from engine.predict import PredictionWriter
+
+    torch.manual_seed(0)
+    module = MedicalSegmentationModule(backbone="unetr_vit_base", backbone_kwargs={**UNETR, "img_size": 48},
+                                       num_classes=3, feature_size=4, token_merging=4, save_token_maps=True).eval()
+    module.predict_output_dir = tmp_path
+    x = torch.randn(1, 1, 56, 48, 48)  # two sliding windows of 48³
+    batch = {"input": x, "index": torch.tensor([0]), "path": [str(tmp_path / "case.nii.gz")],
+             "affine": torch.eye(4)[None], "original_affine": torch.eye(4)[None],
+             "original_shape": torch.tensor([[56, 48, 48]])}
+    with torch.no_grad():
+        row = module.predict_step(batch, 0)[0]
+        window = x[:, :, 4:52]  # the window of the sliding window's size at the volume's centre
+        module.backbone(window)
+        groups = module.backbone.token_maps(window)[0][0]  # [3, 3, 3] patches of 16³
+    with Image.open(row["token_map"]) as picture:
+        assert picture.size == (3 * 48 + 2 * 2, 2 * 48 + 2)  # an axial slice through each layer of patches, twice
+        for z in range(3):  # drawn anterior up, as the validation pictures are
+            assert_groups_drawn(patch_colours(picture, 1, z, 48, 16), groups[:, :, z].rot90(), torch.bincount(groups.flatten()))
+    written = MedicalDataModule(num_workers=0).write_prediction(row, tmp_path / "out")
+    PredictionWriter._write_csv(tmp_path / "predictions.csv", [written])
+    with open(tmp_path / "predictions.csv") as f:
+        assert next(csv.DictReader(f))["token_map"] == str(tmp_path / "token_maps" / "0_case.png")
+
+
+def test_save_token_maps_without_a_token_reduction_is_named() -> None:
+    name, kwargs, _ = CASES["timesformer"]
+    with pytest.raises(ValueError, match="save_token_maps, .* need token_pruning=true, token_merging or a token_reduction"):
+        VideoClassificationModule(backbone=name, backbone_kwargs=kwargs, num_classes=3, save_token_maps=True)
+    with pytest.raises(ValueError, match="save_token_maps draws the merge groups of token_merging"):
+        MedicalSegmentationModule(backbone="unetr_vit_base", backbone_kwargs=UNETR, num_classes=3, feature_size=4,
+                                  save_token_maps=True)
 
 
 @pytest.mark.parametrize(
