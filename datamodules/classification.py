@@ -126,7 +126,9 @@ class ClassificationDataModule(TaskDataModule):
             ``false``/``none`` skips the check.
         search_holdout_per_class: training images per class left out of training (``split_holdout``) for a
             network search's fitness (``python -m tasks.search``); 0 trains on all of them.
-        synthetic_size, synthetic_train_per_class: shape of the default data set.
+        synthetic_size, synthetic_train_per_class, synthetic_val_per_class: shape of the default data set (more
+            validation images give a tighter estimate: 100 per class put a standard error of about a point on a
+            top-1 of 0.95; the training images stay the same whatever the count).
     """
 
     def __init__(
@@ -153,10 +155,16 @@ class ClassificationDataModule(TaskDataModule):
         search_holdout_per_class: int = 0,
         synthetic_size: int = 64,
         synthetic_train_per_class: int = 400,
+        synthetic_val_per_class: int = 100,
     ) -> None:
         super().__init__(root, num_workers)
         if search_holdout_per_class < 0:
             raise ValueError(f"search_holdout_per_class must be 0 or more, got {search_holdout_per_class}")
+        if synthetic_train_per_class < 1 or synthetic_val_per_class < 1:
+            raise ValueError(
+                "synthetic_train_per_class and synthetic_val_per_class must be 1 or more, got "
+                f"{synthetic_train_per_class} and {synthetic_val_per_class}"
+            )
         self.save_hyperparameters()
         if self.root is None:
             self.class_names = list(SHAPE_CLASSES)
@@ -174,7 +182,9 @@ class ClassificationDataModule(TaskDataModule):
         return [str(self.datasets[split].samples[index][0])]
 
     def synthetic_root(self) -> Path:
-        return synthetic_shapes(self.hparams.synthetic_size, self.hparams.synthetic_train_per_class)
+        return synthetic_shapes(
+            self.hparams.synthetic_size, self.hparams.synthetic_train_per_class, self.hparams.synthetic_val_per_class
+        )
 
     def train_transform(self) -> A.Compose:
         hp = self.hparams

@@ -184,7 +184,25 @@ class TaskModule(L.LightningModule):
         checkpoint["class_names"] = self.class_names
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.class_names = self.class_names or checkpoint.get("class_names")
+        """Keep the checkpoint's class names (they replace the data's numbers ``0, 1, ..`` where it names none); data
+        with other classes, or the same in another order, would score and name every prediction against the wrong
+        class, so it stops here."""
+        saved = checkpoint.get("class_names")
+        numbered = self.class_names == [str(i) for i in range(len(self.class_names or []))]  # data without names
+        if saved and numbered and len(saved) == len(self.class_names):
+            self.class_names = list(saved)
+        if self.class_names and saved and list(saved) != list(self.class_names):
+            order = (
+                " (the same names in another order: an image folder's classes are its sub-folders sorted by name, "
+                "the built-in data sets keep their own order)"
+                if sorted(saved) == sorted(self.class_names)
+                else ""
+            )
+            raise ValueError(
+                f"the checkpoint's classes are {list(saved)}, the data's are {list(self.class_names)}{order}; "
+                "evaluate on data with the checkpoint's classes, or fine-tune from it with --model.pretrained"
+            )
+        self.class_names = self.class_names or saved
 
     def train(self, mode: bool = True) -> TaskModule:
         """As ``nn.Module.train``, but a frozen backbone stays in eval mode through Lightning's ``train()`` calls."""

@@ -342,3 +342,34 @@ def test_an_input_error_wrapped_by_a_library_is_still_one_line(monkeypatch, caps
     assert "Traceback" not in err
     with pytest.raises(KeyError), input_errors_in_one_line():  # not the user's input: the traceback stays
         raise KeyError("a bug")
+
+
+def test_a_checkpoint_of_other_classes_or_another_class_order_is_refused() -> None:
+    from tasks.classification import ClassificationModule
+
+    def module(names):
+        tiny = {"img_size": 32, "depth": 1, "embed_dim": 32, "num_heads": 2}
+        return ClassificationModule(backbone="vit_tiny_patch16", backbone_kwargs=tiny, num_classes=3, class_names=names)
+
+    trained = module(["circle", "square", "cross"])
+    ckpt = {}
+    trained.on_save_checkpoint(ckpt)
+    module(["circle", "square", "cross"]).on_load_checkpoint(ckpt)  # the same classes load
+    unnamed = module(None)
+    unnamed.on_load_checkpoint(ckpt)  # data without class names (a predict folder) takes the checkpoint's
+    assert unnamed.class_names == ["circle", "square", "cross"]
+    numbered = module(["0", "1", "2"])
+    numbered.on_load_checkpoint(ckpt)  # data that only numbers its classes takes the checkpoint's names
+    assert numbered.class_names == ["circle", "square", "cross"]
+    with pytest.raises(ValueError, match=r"another order: an image folder's classes are its sub-folders sorted"):
+        module(["circle", "cross", "square"]).on_load_checkpoint(ckpt)
+    with pytest.raises(ValueError, match=r"the checkpoint's classes are \['circle', 'square', 'cross'\], the data's "
+                                         r"are \['a', 'b', 'c'\]; evaluate on data"):
+        module(["a", "b", "c"]).on_load_checkpoint(ckpt)
+
+
+def test_an_empty_built_in_split_is_refused() -> None:
+    from datamodules.classification import ClassificationDataModule
+
+    with pytest.raises(ValueError, match="synthetic_val_per_class must be 1 or more, got 400 and 0"):
+        ClassificationDataModule(synthetic_val_per_class=0)
