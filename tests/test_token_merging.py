@@ -291,7 +291,7 @@ def test_save_token_maps_without_a_token_reduction_is_named() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"backbone": "mit_b0", "backbone_kwargs": {}}, "token_merging needs a ViT backbone"),
+        ({"backbone": "mit_b0", "backbone_kwargs": {}}, "token_merging needs a ViT backbone.*bench_mit_merging"),
         ({"token_pruning": True}, "token_pruning=true and token_merging=4 both reduce tokens"),
         ({"token_reduction": {"method": "dynamicvit"}}, "token_merging=4 and token_reduction=.* both reduce tokens"),
         ({"token_merging": -1}, "whole number of tokens >= 0"),
