@@ -248,7 +248,9 @@ class VideoDataModule(TaskDataModule):
             out; found later (``check_files: header``/``none``) they are skipped (with a warning), and a pass over
             a split (an epoch of training, one validation) that skips more than this share of its clips stops
             the run with an error naming the first files.
-        synthetic_per_class: training clips per class of the synthetic set.
+        synthetic_per_class, synthetic_val_per_class: training and validation clips per class of the synthetic set
+            (more validation clips give a tighter estimate: each of the default 128 is 0.8 points of top-1; the
+            training clips stay the same whatever the count).
     """
 
     def __init__(
@@ -277,9 +279,15 @@ class VideoDataModule(TaskDataModule):
         check_files: CheckFiles = True,
         max_skipped_fraction: float = 0.1,
         synthetic_per_class: int = 128,
+        synthetic_val_per_class: int = 32,
     ) -> None:
         super().__init__(root, num_workers)
         self.save_hyperparameters()
+        if synthetic_per_class < 1 or synthetic_val_per_class < 1:
+            raise ValueError(
+                "synthetic_per_class and synthetic_val_per_class must be 1 or more, got "
+                f"{synthetic_per_class} and {synthetic_val_per_class}"
+            )
         self.skip_ceiling = SkippedClipCeiling(max_skipped_fraction)
         if test_crops not in (1, 3):
             raise ValueError(f"test_crops must be 1 or 3, got {test_crops}")
@@ -306,7 +314,7 @@ class VideoDataModule(TaskDataModule):
         return (hp.num_frames, hp.crop_size, hp.crop_size)
 
     def synthetic_root(self) -> Path:
-        return synthetic_motion_videos(self.hparams.synthetic_per_class)
+        return synthetic_motion_videos(self.hparams.synthetic_per_class, self.hparams.synthetic_val_per_class)
 
     def _resolve(self, name: str) -> Path:
         path = Path(name)

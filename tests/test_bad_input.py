@@ -373,3 +373,10 @@ def test_an_empty_built_in_split_is_refused() -> None:
 
     with pytest.raises(ValueError, match="synthetic_val_per_class must be 1 or more, got 400 and 0"):
         ClassificationDataModule(synthetic_val_per_class=0)
+
+
+def test_an_empty_built_in_video_split_is_refused() -> None:
+    from datamodules.video import VideoDataModule
+
+    with pytest.raises(ValueError, match="synthetic_per_class and synthetic_val_per_class must be 1 or more, got 128 and 0"):
+        VideoDataModule(synthetic_val_per_class=0)
