@@ -219,13 +219,14 @@ def plot(runs: list[Run], path: Path) -> None:
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), squeeze=False)
     for ax, run in zip(axes[0], runs):
         merged = [r for r in run.rows if r["setting"] == "dense" or r["setting"].startswith("r ")]
-        ax.plot([r["speed"] for r in merged], [r["metric"] for r in merged], "o-", label="ToMe (no retraining)")
+        ax.plot([r["speed"] for r in merged], [r["metric"] for r in merged], "o", label="ToMe (no retraining)")
         for r in run.rows:
             ax.annotate(r["setting"], (r["speed"], r["metric"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for kind, marker in (("DynamicViT", "s"), ("trained with", "^")):
             others = [r for r in run.rows if r["setting"].startswith(kind)]
             if others:
-                ax.plot([r["speed"] for r in others], [r["metric"] for r in others], marker, label=others[0]["setting"])
+                name = others[0]["setting"] if kind == "DynamicViT" else "ToMe, trained with the same r"
+                ax.plot([r["speed"] for r in others], [r["metric"] for r in others], marker, label=name)
         ax.set(title=run.name, xlabel="inference speed vs dense", ylabel=run.metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
