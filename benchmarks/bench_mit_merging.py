@@ -30,8 +30,6 @@ inference of backbone + SegFormer decoder, each setting in turn (interleaved), m
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from backbones.mix_transformer import MixBlock, MixTransformer, map_to_tokens, tokens_to_map
 from backbones.token_merging import bipartite_matching, merge_units, unmerge_units
-from benchmarks.harness import bench_parser, cpu_model, parse_bench_args, write_section
+from benchmarks.harness import bench_parser, cpu_model, interleaved_medians, parse_bench_args, write_section
 
 CONFIG = "configs/segformer_b0.yaml"
 KINDS = ("patch embed", "q", "kv", "SR conv", "attention", "proj", "fc1", "dwconv", "fc2")
@@ -279,16 +277,9 @@ def breakdown_table(breakdown: dict[tuple[str, str], float], size: int) -> str:
 
 def time_inference(models: dict[str, nn.Module], x: torch.Tensor, steps: int, warmup: int) -> dict[str, float]:
     """Images/s of each model's inference, interleaved (each goes first as often), medians."""
-    times: dict[str, list[float]] = {k: [] for k in models}
-    names = list(models)
     with torch.inference_mode():
-        for step in range(warmup + steps):
-            for name in names if step % 2 else names[::-1]:
-                start = time.perf_counter()
-                models[name](x)
-                if step >= warmup:
-                    times[name].append(time.perf_counter() - start)
-    return {k: x.shape[0] / statistics.median(v) for k, v in times.items()}
+        seconds = interleaved_medians({k: partial(m, x) for k, m in models.items()}, steps, warmup)
+    return {k: x.shape[0] / v for k, v in seconds.items()}
 
 
 def validate_all(ckpt: str, settings: Sequence[Setting | None], root: Path, limit: int | None) -> dict[str, float]:

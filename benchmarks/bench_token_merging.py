@@ -19,9 +19,8 @@ most tokens; forward GFLOPs are counted (FlopCounterMode) beside the times.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,14 @@ import yaml
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.harness import bench_parser, cpu_kernels, cpu_model, parse_bench_args, write_section
+from benchmarks.harness import (
+    bench_parser,
+    cpu_kernels,
+    cpu_model,
+    interleaved_medians,
+    parse_bench_args,
+    write_section,
+)
 
 
 @dataclass
@@ -135,8 +141,6 @@ def time_all(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, los
     (a training step's large buffers would otherwise change the memory an inference pass finds), each phase with the
     models interleaved (each goes first as often)."""
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for k, m in models.items()}
-    times: dict[str, dict[str, list[float]]] = {k: {"infer": [], "train": []} for k in models}
-    names = list(models)
 
     def infer(model: nn.Module) -> None:
         with torch.inference_mode():
@@ -147,16 +151,13 @@ def time_all(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, los
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
 
-    for phase in ("infer", "train"):
-        for model in models.values():
-            model.train(phase == "train")
-        for step in range(warmup + steps):
-            for name in names if step % 2 else names[::-1]:
-                start = time.perf_counter()
-                infer(models[name]) if phase == "infer" else train(models[name], name)
-                if step >= warmup:
-                    times[name][phase].append(time.perf_counter() - start)
-    return {k: (x.shape[0] / statistics.median(v["infer"]), x.shape[0] / statistics.median(v["train"])) for k, v in times.items()}
+    for model in models.values():
+        model.eval()
+    infer_s = interleaved_medians({k: partial(infer, m) for k, m in models.items()}, steps, warmup)
+    for model in models.values():
+        model.train()
+    train_s = interleaved_medians({k: partial(train, m, k) for k, m in models.items()}, steps, warmup)
+    return {k: (x.shape[0] / infer_s[k], x.shape[0] / train_s[k]) for k in models}
 
 
 def bench_run(run: Run, args, work: Path) -> str:

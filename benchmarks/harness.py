@@ -144,6 +144,20 @@ def compare(
     return "\n".join(lines)
 
 
+def interleaved_medians(calls: dict[str, Callable[[], object]], steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each call over ``steps`` rounds after ``warmup``, the calls interleaved in each round (each
+    goes first as often: no order advantage)."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    names = list(calls)
+    for step in range(warmup + steps):
+        for name in names if step % 2 else names[::-1]:
+            start = time.perf_counter()
+            calls[name]()
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def bench_parser(doc: str | None, *, steps: int, warmup: int) -> argparse.ArgumentParser:
     """The options every benchmark script shares; add the script's own, then call ``parse_bench_args``."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
