@@ -142,7 +142,7 @@ class TokenMerging(TokenReducer, VisionTransformer):
                 0 merges none.
             schedule: ``constant`` (``r`` in every block) or ``decreasing`` (``1.5 r`` down to ``0.5 r``).
         """
-        if type(vit) is not VisionTransformer and isinstance(vit, MixTransformer):
+        if isinstance(vit, MixTransformer):
             raise ValueError(
                 "token_merging needs a ViT backbone (vit_*, deit, timesformer_*, unetr_vit_*); on MiT (mit_*, SegFormer) "
                 "it does not pay, as measured by benchmarks/bench_mit_merging.py: the spatial-reduction attention and "
