@@ -137,3 +137,15 @@ def write_token_maps(
         picture = draw(inputs[b], [m[b] for m in maps])
         paths.append(atomic_write(out_dir / f"{name}.png", lambda tmp, pic=picture: pic.save(tmp, format="PNG")))
     return paths
+
+
+def write_row_token_maps(
+    inputs: torch.Tensor, maps: Sequence[torch.Tensor], rows: list[dict], out_dir: Path,
+    draw: Callable[[torch.Tensor, Sequence[torch.Tensor]], Image.Image] = token_map_image,
+    stem: Callable[[str], str] = lambda path: Path(path).stem,
+) -> None:
+    """``write_token_maps`` for a batch of prediction rows: ``out_dir/<index>_<stem of path>.png`` per row, the file
+    named in the row's ``token_map`` column."""
+    names = [f"{row['index']}_{stem(row['path'])}" for row in rows]
+    for row, path in zip(rows, write_token_maps(inputs, maps, names, out_dir, draw)):
+        row["token_map"] = str(path)

@@ -267,13 +267,10 @@ class ClassificationModule(TaskModule):
     ) -> None:
         """The backbone's token maps of the last forward pass over ``x``, one PNG per row (named in ``token_map``),
         drawn by ``draw`` (default ``engine.token_maps.token_map_image``)."""
-        from engine.token_maps import token_map_image, write_token_maps
+        from engine.token_maps import token_map_image, write_row_token_maps
 
-        names = [f"{row['index']}_{Path(row['path']).stem}" for row in rows]
         out_dir = Path(self.predict_output_dir) / "token_maps"
-        paths = write_token_maps(x, self.backbone.token_maps(x), names, out_dir, draw or token_map_image)
-        for row, path in zip(rows, paths):
-            row["token_map"] = str(path)
+        write_row_token_maps(x, self.backbone.token_maps(x), rows, out_dir, draw or token_map_image)
 
 
 def main(args: Any = None) -> TaskCLI:

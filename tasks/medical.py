@@ -249,17 +249,15 @@ class MedicalSegmentationModule(TaskModule):
     def _write_token_maps(self, x: torch.Tensor, rows: list[dict[str, Any]]) -> None:
         """The encoder's token maps over the window of ``roi_size`` at the centre of each volume (``save_token_maps``),
         one PNG per row, named in ``token_map``."""
-        from engine.token_maps import volume_token_map_image, write_token_maps
+        from engine.token_maps import volume_token_map_image, write_row_token_maps
 
         volumes = x.flatten(0, 1)  # [B * C, D, H, W]: MONAI's transforms take channels first
         window = CenterSpatialCrop(self.roi_size)(SpatialPad(self.roi_size, method="symmetric")(volumes))
         window = window.as_subclass(torch.Tensor).reshape(*x.shape[:2], *self.roi_size)  # a plain tensor, not MONAI's
         self.backbone(window)  # the maps are those of the last forward pass
-        names = [f"{row['index']}_{nifti_stem(Path(row['path']))}" for row in rows]
         out_dir = Path(self.predict_output_dir) / "token_maps"
-        maps = self.backbone.token_maps(window)
-        for row, path in zip(rows, write_token_maps(window, maps, names, out_dir, volume_token_map_image)):
-            row["token_map"] = str(path)
+        write_row_token_maps(window, self.backbone.token_maps(window), rows, out_dir, volume_token_map_image,
+                             stem=lambda path: nifti_stem(Path(path)))
 
 
 def nifti_stem(source: Path) -> str:
